@@ -1,0 +1,53 @@
+# First use of any target builds .venv and makes FashionMNIST available: nothing by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SWEEP  ?= sweeps/fashion_mnist.yaml
+PORT   ?= 5000
+TRACKING_URI ?= sqlite:///mlruns/mlflow.db
+ARGS   ?=
+
+.PHONY: install data sweep ui export best confirm train test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+data: install
+	$(BIN)/optimsweep data
+
+sweep: data
+	$(BIN)/optimsweep sweep $(SWEEP) $(ARGS)
+
+ui: install
+	@mkdir -p mlruns
+	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (Ctrl-C to stop)"
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+
+export: data
+	$(BIN)/optimsweep export $(SWEEP) $(ARGS)
+
+best: install
+	$(BIN)/optimsweep best $(SWEEP) $(ARGS)
+
+confirm: data
+	$(BIN)/optimsweep confirm $(SWEEP) $(ARGS)
+
+train: data
+	$(BIN)/optimsweep train $(ARGS)
+
+test: data
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: data
+	$(BIN)/python benchmarks/bench_core.py $(ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,94 @@
+"""The command line: parse, call, print. The work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
+
+from optimsweep.train import ConfigError, DivergedError, EpochStats, TrainConfig
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                            metavar=f.name.upper(), help=f"default: {f.default}")
+
+
+def load_config_file(path: Path) -> dict:
+    with open(path) as fh:
+        values = yaml.safe_load(fh) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of training parameters")
+    return values
+
+
+def _print_epoch(config: TrainConfig, stats: EpochStats) -> None:
+    acc = "" if stats.val_accuracy is None else f"  val accuracy: {100 * stats.val_accuracy:.1f}%"
+    print(f"Epoch {stats.epoch}/{config.epochs}  train loss: {stats.train_loss:.6f}  "
+          f"val loss: {stats.val_loss:.6f}{acc}  lr: {stats.lr:.3g}  ({stats.seconds:.1f}s)",
+          flush=True)
+
+
+def cmd_train(args) -> int:
+    from optimsweep.data import load_task
+    from optimsweep.train import fit, resolve_device
+
+    values = load_config_file(args.config) if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                   if getattr(args, f.name) is not None})
+    config = TrainConfig.from_dict(values)
+    device = resolve_device(config.device)
+    data = load_task(config.task, device=device, val_size=config.val_size,
+                     split_seed=config.split_seed, train_subset=config.train_subset)
+    print(f"training {config.model} on {config.task} ({len(data.train_y)} train / "
+          f"{len(data.val_y)} validation / {len(data.test_y)} test) on {device}")
+    result = fit(config, data, on_epoch=lambda s: _print_epoch(config, s))
+    acc = "" if result.test_accuracy is None else f"Accuracy: {100 * result.test_accuracy:.1f}%, "
+    print(f"Test Error:\n {acc}Avg loss: {result.test_loss:.6f}")
+    if args.save:
+        from optimsweep.artifacts import save_state_dict
+
+        save_state_dict(result.model, args.save)
+        print(f"state_dict saved to {args.save}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from optimsweep.data import prepare_fashion_mnist
+
+    raw = prepare_fashion_mnist(args.root)
+    print(f"FashionMNIST ready in {raw}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimsweep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one configuration (flags or --config FILE)")
+    p.add_argument("--config", type=Path, help="YAML file of training parameters")
+    p.add_argument("--save", type=Path, help="write the final state_dict here")
+    _config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="find, install or download FashionMNIST")
+    p.add_argument("--root", type=Path, default=None, help="default: $OPTIMSWEEP_DATA or data/")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DivergedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

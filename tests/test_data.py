@@ -1,0 +1,62 @@
+"""Data: found offline, decoded once into tensors, split the same way every time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimsweep import data as data_module
+from optimsweep.data import (
+    DataUnavailable,
+    load_fashion_mnist,
+    make_regression,
+    prepare_fashion_mnist,
+)
+
+
+def test_fashion_mnist_is_tensors_in_unit_range(fashion_small):
+    d = fashion_small
+    assert d.train_x.shape == (5_000, 1, 28, 28) and d.train_x.dtype == torch.float32
+    assert d.val_x.shape == (10_000, 1, 28, 28) and d.test_x.shape == (10_000, 1, 28, 28)
+    assert 0.0 <= float(d.train_x.min()) and float(d.train_x.max()) <= 1.0
+    assert set(d.train_y.unique().tolist()) == set(range(10))
+
+
+def test_validation_split_is_fixed_and_disjoint_from_training(fashion_small):
+    """The split depends only on split_seed: every trial validates on the same images."""
+    again = load_fashion_mnist(train_subset=5_000)
+    assert torch.equal(again.val_x, fashion_small.val_x)
+    other = load_fashion_mnist(train_subset=5_000, split_seed=1)
+    assert not torch.equal(other.val_y, fashion_small.val_y)
+    train_rows = {row.numpy().tobytes() for row in fashion_small.train_x[:500].flatten(1)}
+    val_rows = {row.numpy().tobytes() for row in fashion_small.val_x.flatten(1)}
+    assert not train_rows & val_rows
+
+
+def test_regression_task_is_the_seed_line():
+    d = make_regression()
+    assert torch.allclose(d.train_y, 0.7 * d.train_x + 0.3)
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (800, 100, 100)
+
+
+def test_prepare_copies_from_the_debian_package(tmp_path, monkeypatch):
+    """With no files in the data folder, the Debian package's .gz files are decompressed."""
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    import gzip
+
+    for name in data_module.FASHION_FILES:
+        with gzip.open(debian / f"{name}.gz", "wb") as fh:
+            fh.write(name.encode())
+    monkeypatch.setattr(data_module, "DEBIAN_DIR", debian)
+    raw = prepare_fashion_mnist(tmp_path / "data", log=lambda msg: None)
+    assert (raw / "train-labels-idx1-ubyte").read_bytes() == b"train-labels-idx1-ubyte"
+    assert not list(raw.glob("*.partial"))
+
+
+def test_prepare_says_what_to_do_when_no_source_works(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "DEBIAN_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(data_module, "_apt_install", lambda log: False)
+    monkeypatch.setattr(data_module, "_torchvision_download", lambda root, log: False)
+    with pytest.raises(DataUnavailable, match="apt-get install dataset-fashion-mnist"):
+        prepare_fashion_mnist(tmp_path / "data", log=lambda msg: None)
