@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from optimsweep.spec import SpecError
 from optimsweep.train import ConfigError, DivergedError, EpochStats, TrainConfig
 
 
@@ -65,6 +66,33 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _print_table(table) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 200,
+                           "display.float_format", "{:.4g}".format):
+        print(table.to_string(index=False))
+
+
+def cmd_sweep(args) -> int:
+    from optimsweep.spec import load_spec
+    from optimsweep.study import counted_trials, run_sweep, trials_table
+
+    spec = load_spec(args.file)
+    study = run_sweep(spec, n_trials=args.n_trials, timeout=args.timeout, workers=args.workers,
+                      progress=not args.no_progress)
+    trials = study.get_trials(deepcopy=False)
+    states = {s: sum(t.state.name.lower() == s for t in trials)
+              for s in ("complete", "pruned", "fail")}
+    print(f"\nstudy {spec.name!r}: {len(counted_trials(study))} trials "
+          f"({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed)")
+    print(f"top trials by {spec.metric} (validation; test accuracy is reported, never used to "
+          "choose):")
+    _print_table(trials_table(study, spec.metric, top=args.top))
+    print(f"\nnext: make ui  (compare runs in MLflow)  |  make export SWEEP={spec.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimsweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path, help="write the final state_dict here")
     _config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run or resume the study a sweep file declares")
+    p.add_argument("file", type=Path, help="sweeps/NAME.yaml")
+    p.add_argument("--n-trials", type=int, help="total trials for the study (default: budget)")
+    p.add_argument("--timeout", type=float, help="seconds for this invocation")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument("--top", type=int, default=10, help="rows in the closing table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("data", help="find, install or download FashionMNIST")
     p.add_argument("--root", type=Path, default=None, help="default: $OPTIMSWEEP_DATA or data/")
@@ -85,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DivergedError) as exc:
+    except (ConfigError, DivergedError, SpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

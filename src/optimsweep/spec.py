@@ -1,0 +1,391 @@
+"""Sweep files: read with yaml.safe_load, validated completely before anything runs.
+
+Every error names the file, the key and what is allowed, and is raised before a study, a
+trial or an MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from optimsweep.data import TASKS
+from optimsweep.models import MODELS_BY_TASK
+from optimsweep.train import CONDITIONS, ConfigError, TrainConfig
+
+TOP_LEVEL_KEYS = ("name", "description", "task", "model", "metric", "direction", "seed",
+                  "sampler", "pruner", "budget", "storage", "tracking_uri", "data", "fixed",
+                  "search_space", "baseline")
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+DIRECTIONS = ("maximize", "minimize")
+BUDGET_KEYS = ("n_trials", "epochs", "timeout")
+DATA_KEYS = ("val_size", "split_seed", "train_subset")
+PARAM_TYPES = ("float", "int", "categorical")
+PARAM_KEYS = {"float": ("type", "low", "high", "log", "step", "when"),
+              "int": ("type", "low", "high", "log", "step", "when"),
+              "categorical": ("type", "choices", "when")}
+# Set by the spec itself (task, model, budget, data) or by the machine (device).
+NOT_SEARCHABLE = ("task", "model", "epochs", "device", "val_size", "split_seed", "train_subset")
+
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "grid": optuna.samplers.GridSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "gp": optuna.samplers.GPSampler,
+}
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "none": optuna.pruners.NopPruner,
+}
+# Options the sweep sets itself, or that take Python objects rather than YAML values.
+_NOT_OPTIONS = {"self", "seed", "search_space", "independent_sampler", "gamma", "weights",
+                "constraints_func", "source_trials"}
+
+
+class SpecError(ValueError):
+    """The sweep file is invalid; the message names the file, the key and what is allowed."""
+
+
+@dataclass
+class Param:
+    """One searched parameter: an Optuna distribution, plus `when` (what it depends on)."""
+
+    name: str
+    distribution: optuna.distributions.BaseDistribution
+    when: dict[str, tuple] = field(default_factory=dict)
+
+
+@dataclass
+class Budget:
+    n_trials: int = 20
+    epochs: int = 10
+    timeout: float | None = None  # seconds for one `sweep` invocation
+
+
+@dataclass
+class Spec:
+    name: str
+    path: Path
+    text: str  # the file as written, logged with every study
+    task: str = "fashion_mnist"
+    model: str = "mlp"
+    description: str = ""
+    metric: str = "val_accuracy"
+    direction: str = "maximize"
+    seed: int = 0
+    sampler: dict = field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict = field(default_factory=lambda: {"name": "median"})
+    budget: Budget = field(default_factory=Budget)
+    storage: str | None = None
+    tracking_uri: str | None = None
+    data: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    search_space: dict[str, Param] = field(default_factory=dict)
+    baseline: list[dict] = field(default_factory=list)
+
+    def base_config(self) -> dict:
+        """Training values every trial shares: task, model, data split, epochs, fixed."""
+        return {"task": self.task, "model": self.model, "epochs": self.budget.epochs,
+                "seed": self.seed, **self.data, **self.fixed}
+
+    def fingerprint(self) -> str:
+        """What makes trials comparable; budget size and stores may change on resume."""
+        space = {k: [optuna.distributions.distribution_to_json(p.distribution),
+                     {c: list(v) for c, v in p.when.items()}]
+                 for k, p in self.search_space.items()}
+        blob = json.dumps([self.base_config(), space, self.metric, self.direction],
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _fail(path: Path, key: str, problem: str) -> SpecError:
+    return SpecError(f"{path}: {key}: {problem}")
+
+
+def _mapping(path: Path, key: str, value, allowed: tuple | None = None) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(path, key, f"expected a mapping, got {type(value).__name__}")
+    if allowed is not None:
+        for k in value:
+            if k not in allowed:
+                raise _fail(path, f"{key}.{k}" if key else str(k),
+                            f"unknown key; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _number(path: Path, key: str, value, kind: type = float):
+    """YAML 1.1 reads `1e-4` as a string: accept it as the number it means."""
+    if isinstance(value, bool):
+        raise _fail(path, key, f"{value!r} is not a number")
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise _fail(path, key, f"{value!r} is not a number") from None
+    if not isinstance(number, int | float) or not math.isfinite(number):
+        raise _fail(path, key, f"{value!r} is not a finite number")
+    if kind is int:
+        if float(number) != int(number):
+            raise _fail(path, key, f"{value!r} is not an integer")
+        return int(number)
+    return float(number)
+
+
+def _check_train_value(path: Path, key: str, name: str, value, base: dict) -> Any:
+    """Validate one training value with the core's own rules; return it coerced."""
+    try:
+        return getattr(TrainConfig.from_dict({**base, name: value}), name)
+    except ConfigError as exc:
+        raise _fail(path, key, str(exc)) from None
+
+
+def _parse_param(path: Path, name: str, raw, base: dict) -> Param | Any:
+    """A mapping with `type` becomes a Param; anything else is a fixed value."""
+    key = f"search_space.{name}"
+    if not isinstance(raw, dict):
+        return _check_train_value(path, key, name, raw, base)
+    kind = raw.get("type")
+    if kind not in PARAM_TYPES:
+        raise _fail(path, f"{key}.type", f"{kind!r} is not allowed; choose one of: "
+                    f"{', '.join(PARAM_TYPES)}")
+    _mapping(path, key, raw, PARAM_KEYS[kind])
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _fail(path, f"{key}.choices", "expected a non-empty list")
+        choices = [_check_train_value(path, f"{key}.choices", name, c, base) for c in choices]
+        if len(set(map(repr, choices))) != len(choices):
+            raise _fail(path, f"{key}.choices", "choices repeat")
+        dist = optuna.distributions.CategoricalDistribution(choices)
+    else:
+        num = int if kind == "int" else float
+        for bound in ("low", "high"):
+            if bound not in raw:
+                raise _fail(path, f"{key}.{bound}", "required for a range")
+        low = _number(path, f"{key}.low", raw["low"], num)
+        high = _number(path, f"{key}.high", raw["high"], num)
+        if not low < high:
+            raise _fail(path, key, f"empty or inverted range: low {low} must be < high {high}"
+                        " (give a plain value to fix a parameter)")
+        for bound, value in (("low", low), ("high", high)):
+            _check_train_value(path, f"{key}.{bound}", name, value, base)
+        log = raw.get("log", False)
+        if not isinstance(log, bool):
+            raise _fail(path, f"{key}.log", f"{log!r} is not true or false")
+        step = raw.get("step")
+        if step is not None:
+            step = _number(path, f"{key}.step", step, num)
+            if step <= 0:
+                raise _fail(path, f"{key}.step", f"{step} must be > 0")
+        if log and low <= 0:
+            raise _fail(path, f"{key}.low", f"a log range needs low > 0, got {low}")
+        if log and step is not None and kind == "float":
+            raise _fail(path, key, "log and step can't be combined")
+        try:
+            if kind == "int":
+                dist = optuna.distributions.IntDistribution(low, high, log=log, step=step or 1)
+            else:
+                dist = optuna.distributions.FloatDistribution(low, high, log=log, step=step)
+        except ValueError as exc:
+            raise _fail(path, key, str(exc)) from None
+    return Param(name, dist, when=_parse_when(path, key, raw.get("when")))
+
+
+def _parse_when(path: Path, key: str, raw) -> dict[str, tuple]:
+    when = _mapping(path, f"{key}.when", raw)
+    return {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
+
+
+def _options(path: Path, key: str, raw, registry: dict, default: str) -> dict:
+    if isinstance(raw, str) or raw is None:
+        raw = {"name": raw or default}
+    raw = dict(_mapping(path, key, raw))
+    name = raw.get("name", default)
+    if name not in registry:
+        raise _fail(path, f"{key}.name", f"{name!r} is not allowed; choose one of: "
+                    f"{', '.join(registry)}")
+    params = inspect.signature(registry[name].__init__).parameters
+    allowed = sorted(p for p in params if p not in _NOT_OPTIONS and
+                     params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                            inspect.Parameter.VAR_KEYWORD))
+    for option in raw:
+        if option != "name" and option not in allowed:
+            raise _fail(path, f"{key}.{option}", f"not an option of {name}; allowed: "
+                        f"{', '.join(allowed) or 'none'}")
+    return raw
+
+
+def _check_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
+    for name, param in space.items():
+        for parent, values in param.when.items():
+            key = f"search_space.{name}.when.{parent}"
+            if parent in fixed:
+                possible = (fixed[parent],)
+            elif parent in space and isinstance(space[parent].distribution,
+                                                optuna.distributions.CategoricalDistribution):
+                if space[parent].when:
+                    raise _fail(path, key, "a condition must name an unconditional parameter")
+                possible = space[parent].distribution.choices
+            else:
+                raise _fail(path, key, "must name a categorical search_space parameter or a "
+                            "fixed value")
+            for v in values:
+                if v not in possible:
+                    raise _fail(path, key, f"{v!r} is not a possible value; possible: "
+                                f"{', '.join(map(str, possible))}")
+
+
+def _add_implied_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
+    """momentum only for momentum SGD, betas only for Adam, ...: the core's own CONDITIONS."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, param in space.items():
+        if name not in CONDITIONS:
+            continue
+        parent, value = CONDITIONS[name]
+        param.when.setdefault(parent, (value,))
+        if parent in space:
+            possible = space[parent].distribution.choices
+        else:
+            possible = (fixed.get(parent, defaults[parent]),)
+        if not set(param.when[parent]) & set(possible):
+            raise _fail(path, f"search_space.{name}", f"never applies: it is used only when "
+                        f"{parent} is {value}, and {parent} can only be "
+                        f"{', '.join(map(str, possible))}")
+
+
+def _check_baseline(path: Path, raw, spec: Spec) -> list[dict]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise _fail(path, "baseline", "expected a list of parameter mappings")
+    out = []
+    for i, entry in enumerate(raw):
+        key = f"baseline[{i}]"
+        entry = dict(_mapping(path, key, entry, tuple(spec.search_space)))
+        values = {**spec.base_config(), **entry}
+        for name, value in entry.items():
+            values[name] = _check_train_value(path, f"{key}.{name}", name, value, values)
+            dist = spec.search_space[name].distribution
+            if not dist._contains(dist.to_internal_repr(values[name])):
+                raise _fail(path, f"{key}.{name}", f"{values[name]!r} lies outside the "
+                            f"search space ({optuna.distributions.distribution_to_json(dist)})")
+            entry[name] = values[name]
+        out.append(entry)
+    return out
+
+
+def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    raw = _mapping(path, "", raw, TOP_LEVEL_KEYS)
+    if not raw:
+        raise SpecError(f"{path}: empty sweep file; expected keys: {', '.join(TOP_LEVEL_KEYS)}")
+
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip():
+        raise _fail(path, "name", "expected a non-empty string")
+    task = raw.get("task", "fashion_mnist")
+    if task not in TASKS:
+        raise _fail(path, "task", f"{task!r} is not allowed; choose one of: {', '.join(TASKS)}")
+    model = raw.get("model", MODELS_BY_TASK[task][0])
+    if model not in MODELS_BY_TASK[task]:
+        raise _fail(path, "model", f"{model!r} is not allowed for {task}; choose one of: "
+                    f"{', '.join(MODELS_BY_TASK[task])}")
+    metric = raw.get("metric", "val_accuracy" if task == "fashion_mnist" else "val_loss")
+    if metric not in METRICS:
+        raise _fail(path, "metric", f"{metric!r} is not allowed; choose one of: "
+                    f"{', '.join(METRICS)}")
+    if metric == "val_accuracy" and task == "regression":
+        raise _fail(path, "metric", "val_accuracy needs a classification task; choose val_loss")
+    direction = raw.get("direction", METRICS[metric])
+    if direction not in DIRECTIONS:
+        raise _fail(path, "direction", f"{direction!r} is not allowed; choose one of: "
+                    f"{', '.join(DIRECTIONS)}")
+
+    budget_raw = _mapping(path, "budget", raw.get("budget"), BUDGET_KEYS)
+    budget = Budget()
+    if "n_trials" in budget_raw:
+        budget.n_trials = _number(path, "budget.n_trials", budget_raw["n_trials"], int)
+    if "epochs" in budget_raw:
+        budget.epochs = _number(path, "budget.epochs", budget_raw["epochs"], int)
+    if budget_raw.get("timeout") is not None:
+        budget.timeout = _number(path, "budget.timeout", budget_raw["timeout"])
+    for key, value in (("n_trials", budget.n_trials), ("epochs", budget.epochs),
+                       ("timeout", budget.timeout)):
+        if value is not None and value <= 0:
+            raise _fail(path, f"budget.{key}", f"{value} must be > 0")
+
+    spec = Spec(name=name.strip(), path=path, text=text, task=task, model=model,
+                description=str(raw.get("description", "")), metric=metric,
+                direction=direction, budget=budget)
+    spec.seed = _number(path, "seed", raw.get("seed", 0), int)
+    for key in ("storage", "tracking_uri"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _fail(path, key, "expected a URL or a path")
+        setattr(spec, key, value)
+    spec.sampler = _options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
+    spec.pruner = _options(path, "pruner", raw.get("pruner"), PRUNERS, "median")
+
+    data = _mapping(path, "data", raw.get("data"), DATA_KEYS)
+    base = {"task": task, "model": model, "epochs": budget.epochs}
+    spec.data = {k: _check_train_value(path, f"data.{k}", k, v, base) for k, v in data.items()}
+
+    settable = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SEARCHABLE]
+    fixed = _mapping(path, "fixed", raw.get("fixed"), tuple(settable))
+    base = spec.base_config()
+    spec.fixed = {k: _check_train_value(path, f"fixed.{k}", k, v, base) for k, v in fixed.items()}
+
+    space_raw = _mapping(path, "search_space", raw.get("search_space"), tuple(settable))
+    for name_, value in space_raw.items():
+        if name_ in spec.fixed:
+            raise _fail(path, f"search_space.{name_}", "also given under fixed; keep one")
+        parsed = _parse_param(path, name_, value, spec.base_config())
+        if isinstance(parsed, Param):
+            spec.search_space[name_] = parsed
+        else:
+            spec.fixed[name_] = parsed
+    if not spec.search_space:
+        raise _fail(path, "search_space", "nothing to search; give at least one range or "
+                    "list of choices")
+    _check_conditions(path, spec.search_space, spec.fixed)
+    _add_implied_conditions(path, spec.search_space, spec.fixed)
+    spec.baseline = _check_baseline(path, raw.get("baseline"), spec)
+    _check_sampler_fits(spec)
+    return spec
+
+
+def _check_sampler_fits(spec: Spec) -> None:
+    """Build the sampler and pruner once now, so bad options fail before any study exists."""
+    from optimsweep.study import build_pruner, build_sampler
+
+    for key, build in (("sampler", build_sampler), ("pruner", build_pruner)):
+        try:
+            build(spec)
+        except (TypeError, ValueError) as exc:
+            raise _fail(spec.path, key, str(exc)) from None
+
+
+def load_spec(path: Path | str) -> Spec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such sweep file")
+    return parse_spec(path.read_text(), path)

@@ -1,0 +1,159 @@
+"""Running studies: Optuna and MLflow hold the same trials, resume adds none twice,
+workers share a study, pruned and diverged trials show their real state."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from optimsweep.models import LinearRegressionModel
+from optimsweep.spec import SpecError
+from optimsweep.study import open_storage, resolve_storage, run_sweep
+from sweeps import fashion_sweep, line_sweep, load
+
+STATUS_OF = {"COMPLETE": ("FINISHED", "complete"), "PRUNED": ("KILLED", "pruned"),
+             "FAIL": ("FAILED", "failed")}
+
+
+def mlflow_runs(spec, role=None):
+    client = MlflowClient(spec.tracking_uri)
+    experiment = client.get_experiment_by_name(spec.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return client, [r for r in runs if role is None or r.data.tags["optimsweep.role"] == role]
+
+
+def load_study(spec):
+    return optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
+
+
+def assert_optuna_and_mlflow_agree(spec):
+    """Every trial has exactly one child run, and both tell the same story."""
+    client, children = mlflow_runs(spec, "trial")
+    (parent,) = mlflow_runs(spec, "study")[1]
+    trials = load_study(spec).trials
+    assert len(children) == len(trials)
+    by_id = {r.info.run_id: r for r in children}
+    for trial in trials:
+        run = by_id[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optimsweep.trial_number"] == str(trial.number)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (run.info.status, run.data.tags["optimsweep.state"]) == STATUS_OF[trial.state.name]
+        for name, value in trial.params.items():
+            assert run.data.params[name] == str(value)
+        if trial.state.name == "COMPLETE":
+            history = client.get_metric_history(run.info.run_id, spec.metric)
+            assert history[-1].value == pytest.approx(trial.value)
+    return client, children, trials
+
+
+def test_sweep_records_parent_and_child_runs_with_curves_and_weights(tmp_path):
+    spec = load(line_sweep(tmp_path))
+    run_sweep(spec, progress=False)
+    client, children, trials = assert_optuna_and_mlflow_agree(spec)
+    (parent,) = mlflow_runs(spec, "study")[1]
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert parent.data.tags["optimsweep.sampler"] == "random"
+    assert "git_commit" in parent.data.tags and "torch" in parent.data.tags
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")] == [
+        "sweep/line.yaml"]
+    run = children[0]
+    assert {"optimizer", "lr", "batch_size", "epochs", "seed", "task"} <= set(run.data.params)
+    for metric in ("train_loss", "val_loss", "lr", "epoch_seconds"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert steps == [1, 2, 3], metric
+    assert "test_loss" in run.data.metrics
+    weights = torch.load(client.download_artifacts(run.info.run_id, "state_dict.pt",
+                                                   str(tmp_path)), weights_only=True)
+    LinearRegressionModel().load_state_dict(weights)
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert "task: regression" in open(config).read()
+
+
+def test_conditional_params_are_logged_only_when_they_apply(tmp_path):
+    spec = load(line_sweep(tmp_path, budget={"n_trials": 9, "epochs": 1}))
+    run_sweep(spec, progress=False)
+    _, children = mlflow_runs(spec, "trial")
+    optimizers = {r.data.params["optimizer"] for r in children}
+    assert optimizers == {"sgd", "momentum", "adam"}  # random sampling over 9 trials
+    for run in children:
+        assert ("momentum" in run.data.params) == (run.data.params["optimizer"] == "momentum")
+
+
+def test_running_again_resumes_without_duplicates(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 3, "epochs": 2})
+    spec = load(path)
+    run_sweep(spec, progress=False)
+    run_sweep(load(path), progress=False)  # budget already spent: nothing new
+    assert len(load_study(spec).trials) == 3
+    run_sweep(load(path), n_trials=5, progress=False)  # a bigger budget adds the difference
+    _, children, trials = assert_optuna_and_mlflow_agree(spec)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4] and len(children) == 5
+    assert len(mlflow_runs(spec, "study")[1]) == 1
+    assert len(optuna.get_all_study_names(open_storage(spec.storage))) == 1
+
+
+def test_two_workers_finish_a_study_without_losing_or_repeating_trials(tmp_path):
+    spec = load(line_sweep(tmp_path, budget={"n_trials": 6, "epochs": 2}))
+    run_sweep(spec, workers=2, progress=False)
+    _, children, trials = assert_optuna_and_mlflow_agree(spec)
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state.is_finished() for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # really two processes
+    assert len({r.info.run_id for r in children}) == 6
+
+
+def test_sqlite_storage_is_refused_for_parallel_workers(tmp_path):
+    spec = load(line_sweep(tmp_path, storage=f"sqlite:///{tmp_path}/optuna.db"))
+    with pytest.raises(SpecError, match="SQLite can't serve 2 parallel workers"):
+        run_sweep(spec, workers=2, progress=False)
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_baseline_runs_first_and_bad_trials_are_pruned(tmp_path):
+    """The enqueued tutorial-like baseline is trial 0; a clearly worse config is pruned."""
+    spec = load(line_sweep(
+        tmp_path, budget={"n_trials": 2, "epochs": 4},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        baseline=[{"optimizer": "adam", "lr": 0.05, "batch_size": 16},
+                  {"optimizer": "sgd", "lr": 0.001, "batch_size": 64}]))
+    run_sweep(spec, progress=False)
+    _, _, trials = assert_optuna_and_mlflow_agree(spec)
+    assert trials[0].params == {"optimizer": "adam", "lr": 0.05, "batch_size": 16}
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]
+    assert trials[1].user_attrs["epochs_run"] < 4
+
+
+def test_diverged_trial_fails_and_the_study_goes_on(tmp_path):
+    spec = load(fashion_sweep(
+        tmp_path, budget={"n_trials": 2, "epochs": 2},
+        search_space={"optimizer": {"type": "categorical", "choices": ["momentum", "adam"]},
+                      "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e4, "log": True},
+                      "momentum": 0.99},
+        baseline=[{"optimizer": "momentum", "lr": 1.0e4},
+                  {"optimizer": "adam", "lr": 1.0e-3}]))
+    study = run_sweep(spec, progress=False)
+    _, children, trials = assert_optuna_and_mlflow_agree(spec)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert "diverged" in trials[0].user_attrs["error"]
+    assert study.best_trial.number == 1 and math.isfinite(study.best_value)
+
+
+def test_a_changed_search_space_is_refused_on_resume(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
+    run_sweep(load(path), progress=False)
+    changed = load(line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 1},
+                              search_space={"lr": {"type": "float", "low": 0.1, "high": 0.5}}))
+    with pytest.raises(SpecError, match="already exists with a different task, search space"):
+        run_sweep(changed, progress=False)
+    assert len(load_study(changed).trials) == 1
+
+
+def test_storage_defaults_to_a_journal_under_mlruns(monkeypatch):
+    monkeypatch.delenv("OPTIMSWEEP_STORAGE", raising=False)
+    assert resolve_storage(None) == "mlruns/optuna.journal"
+    monkeypatch.setenv("OPTIMSWEEP_STORAGE", "postgresql://db/optuna")
+    assert resolve_storage("x.journal") == "postgresql://db/optuna"
