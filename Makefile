@@ -7,7 +7,7 @@ PORT   ?= 5000
 TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 ARGS   ?=
 
-.PHONY: install data sweep ui export best confirm train test bench lint clean
+.PHONY: install data browser sweep ui export best confirm train test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -23,9 +23,18 @@ data: install
 sweep: data
 	$(BIN)/optimsweep sweep $(SWEEP) $(ARGS)
 
+# Debian's chromium, for the test that drives the MLflow UI in a real browser.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the UI test ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends chromium >/dev/null; \
+	  else echo "chromium missing and not root: install Debian's chromium for the UI test"; fi; }
+
 ui: install
 	@mkdir -p mlruns
-	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (Ctrl-C to stop)"
+	@echo "MLflow UI: http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning  (Ctrl-C to stop)"
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 
 export: data
@@ -40,7 +49,7 @@ confirm: data
 train: data
 	$(BIN)/optimsweep train $(ARGS)
 
-test: data
+test: data browser
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: data

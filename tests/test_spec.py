@@ -134,3 +134,13 @@ def test_invalid_file_names_the_key_and_creates_nothing(tmp_path, capsys, overri
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(SpecError, match="no such sweep file"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_the_readme_example_is_a_valid_sweep_file():
+    """The documented full example stays in step with what the parser accepts."""
+    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = parse_spec(example, "README.md")
+    assert spec.search_space["momentum"].when == {"optimizer": ("momentum",)}
+    assert spec.search_space["weight_decay"].when == {"optimizer": ("sgd", "momentum")}
+    assert spec.fixed["nesterov"] is False and len(spec.baseline) == 1

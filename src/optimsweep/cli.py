@@ -93,6 +93,55 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _print_confirmation(study) -> None:
+    confirmed = study.user_attrs.get("confirmed")
+    if not confirmed:
+        return
+    print(f"\nconfirmed over seeds {confirmed['seeds']} (mean ± std, best first):")
+    for trial, mean, std in confirmed["ranking"]:
+        print(f"  trial {trial:4d}: {mean:.4f} ± {std:.4f}")
+
+
+def cmd_best(args) -> int:
+    from optimsweep.export import open_existing
+    from optimsweep.study import trials_table
+
+    opened = open_existing(args.target)
+    print(f"study {opened.spec.name!r}, {opened.spec.direction} {opened.spec.metric}:")
+    _print_table(trials_table(opened.study, opened.spec.metric, top=args.top))
+    _print_confirmation(opened.study)
+    return 0
+
+
+def cmd_confirm(args) -> int:
+    from optimsweep.export import confirm as run_confirm
+    from optimsweep.export import open_existing
+
+    opened = open_existing(args.target)
+    results = run_confirm(opened, top_k=args.top_k, seeds=args.seeds)
+    metric = opened.spec.metric
+    print(f"\n{'rank':>4} {'trial':>5}  mean {metric} ± std      test accuracy (mean)  params")
+    for rank, c in enumerate(results, 1):
+        test = (f"{sum(c.test_accuracies) / len(c.test_accuracies):.4f}"
+                if c.test_accuracies else "-")
+        print(f"{rank:>4} {c.trial:>5}  {c.mean:.4f} ± {c.std:.4f}   {test:>20}  {c.params}")
+    print(f"\nconfirmed winner: trial {results[0].trial}; `optimsweep export {args.target}` "
+          "exports it")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from optimsweep.export import export_best, open_existing
+
+    done = export_best(open_existing(args.target), args.out)
+    print(f"exported trial {done.trial.number} ({done.reason}) to {done.folder}/:")
+    print("  config.yaml    every training parameter, ready to run")
+    print("  state_dict.pt  its final weights (torch.load(..., weights_only=True))")
+    print("  metrics.json   its metrics and provenance")
+    print(f"reproduce: optimsweep train --config {done.folder / 'config.yaml'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimsweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows in the closing table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("best", help="the top trials of a study, best first")
+    p.add_argument("target", help="sweep file or study name")
+    p.add_argument("--top", type=int, default=10)
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("confirm", help="re-train the top-k configs with fresh seeds")
+    p.add_argument("target", help="sweep file or study name")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3)
+    p.set_defaults(func=cmd_confirm)
+
+    p = sub.add_parser("export", help="write the best (or confirmed) trial as a runnable config")
+    p.add_argument("target", help="sweep file or study name")
+    p.add_argument("--out", type=Path, help="folder (default: exports/STUDY)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="find, install or download FashionMNIST")
     p.add_argument("--root", type=Path, default=None, help="default: $OPTIMSWEEP_DATA or data/")

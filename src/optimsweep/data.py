@@ -24,6 +24,7 @@ FASHION_FILES = (
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 TASKS = ("fashion_mnist", "regression")
+DEFAULT_VAL_SIZE = {"fashion_mnist": 10_000, "regression": 100}
 
 
 class DataUnavailable(RuntimeError):
@@ -216,15 +217,14 @@ def load_task(
     split_seed: int = 0,
     train_subset: int | None = None,
 ) -> Dataset:
+    val_size = DEFAULT_VAL_SIZE.get(task) if val_size is None else val_size
     if task == "fashion_mnist":
         return load_fashion_mnist(
             device=device,
-            val_size=10_000 if val_size is None else val_size,
+            val_size=val_size,
             split_seed=split_seed,
             train_subset=train_subset,
         )
     if task == "regression":
-        return make_regression(
-            device=device, val_size=100 if val_size is None else val_size, split_seed=split_seed
-        )
+        return make_regression(device=device, val_size=val_size, split_seed=split_seed)
     raise ValueError(f"task: {task!r} is not known; choose one of: {', '.join(TASKS)}")

@@ -17,6 +17,7 @@ import pandas as pd
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from optimsweep.plots import log_study_plots
 from optimsweep.spec import PRUNERS, SAMPLERS, Spec, SpecError
 from optimsweep.train import DivergedError
 
@@ -238,6 +239,7 @@ def open_study(spec: Spec, *, workers: int = 1):
     if known is None:
         study.set_user_attr("fingerprint", spec.fingerprint())
         study.set_user_attr("sweep_file", str(spec.path))
+        study.set_user_attr("sweep_text", spec.text)  # `export STUDY` works without the file
     elif known != spec.fingerprint():
         raise SpecError(
             f"{spec.path}: name: study {spec.name!r} already exists with a different task, "
@@ -325,6 +327,7 @@ def run_sweep(spec: Spec, *, n_trials: int | None = None, timeout: float | None 
     finally:
         tracker.client.set_terminated(ctx.parent_run_id, status)
     finish_study_run(study, ctx, tracker)
+    log_study_plots(study, spec.metric, tracker.client, ctx.parent_run_id)
     return study
 
 

@@ -59,7 +59,10 @@ class Tracker:
             return experiment.experiment_id
         if not create:
             return None
-        return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri))
+        # Without the kind tag MLflow 3's UI opens experiments in its GenAI (traces) view.
+        return self.client.create_experiment(
+            name, artifact_location=_artifact_location(self.uri),
+            tags={"mlflow.experimentKind": "custom_model_development"})
 
     def runs(self, experiment_id: str, role: str, extra: str = "") -> list:
         query = f"tags.`{ROLE}` = '{role}'" + (f" and {extra}" if extra else "")
@@ -82,11 +85,14 @@ class Tracker:
 
     def start_trial(self, experiment_id: str, parent_run_id: str, study_name: str,
                     trial_number: int, config: TrainConfig, sampled: dict,
-                    tags: dict | None = None) -> str:
+                    tags: dict | None = None, role: str = "trial",
+                    run_name: str | None = None) -> str:
+        """A child run of the study's parent run: role "trial" (one per Optuna trial) or
+        "confirm" (a re-training of a trial's config with another seed)."""
         run = self.client.create_run(
             experiment_id,
-            run_name=f"trial {trial_number:03d}",
-            tags={"mlflow.parentRunId": parent_run_id, ROLE: "trial", STUDY: study_name,
+            run_name=run_name or f"trial {trial_number:03d}",
+            tags={"mlflow.parentRunId": parent_run_id, ROLE: role, STUDY: study_name,
                   TRIAL: str(trial_number), STATE: "running",
                   "optimsweep.sampled": ",".join(sorted(sampled)),
                   **(tags or {}), **provenance()},

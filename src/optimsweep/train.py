@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from optimsweep.data import TASKS, Dataset
+from optimsweep.data import DEFAULT_VAL_SIZE, TASKS, Dataset
 from optimsweep.models import MODELS_BY_TASK, build_model
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -93,8 +93,9 @@ class TrainConfig:
         _require("gamma", self.gamma, 0 < self.gamma <= 1, "in (0, 1]")
         _require("factor", self.factor, 0 < self.factor < 1, "in (0, 1)")
         _require("patience", self.patience, self.patience >= 0, "an integer >= 0")
-        if self.val_size is not None:
-            _require("val_size", self.val_size, self.val_size >= 1, "an integer >= 1")
+        if self.val_size is None:  # written out, so exported configs say which split they used
+            self.val_size = DEFAULT_VAL_SIZE[self.task]
+        _require("val_size", self.val_size, self.val_size >= 1, "an integer >= 1")
         if self.train_subset is not None:
             _require("train_subset", self.train_subset, self.train_subset >= 1, "an integer >= 1")
 

@@ -1,0 +1,76 @@
+"""Plots for a study's parent run: regenerated at the end of every sweep invocation.
+
+- plots/val_curves.png: every trial's validation curve overlaid (pruned ones dashed).
+- plots/optimization_history.html, param_importances.html, parallel_coordinate.html:
+  Optuna's own plots, with plotly embedded so they open without a network.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: sweeps run on servers and in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+CURVES = "val_curves.png"
+OPTUNA_PLOTS = {
+    "optimization_history.html": optuna.visualization.plot_optimization_history,
+    "param_importances.html": optuna.visualization.plot_param_importances,
+    "parallel_coordinate.html": optuna.visualization.plot_parallel_coordinate,
+}
+
+
+def plot_val_curves(study: optuna.Study, metric: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    style = {TrialState.COMPLETE: "-", TrialState.PRUNED: "--", TrialState.FAIL: ":"}
+    best = study.best_trial.number if _has_complete(study) else None
+    for t in study.get_trials(deepcopy=False, states=tuple(style)):
+        if not t.intermediate_values:
+            continue
+        epochs = sorted(t.intermediate_values)
+        is_best = t.number == best
+        ax.plot(epochs, [t.intermediate_values[e] for e in epochs], style[t.state],
+                linewidth=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.55,
+                label=f"trial {t.number} (best)" if is_best else None)
+    ax.set(xlabel="epoch", ylabel=metric,
+           title=f"{study.study_name}: {metric} of every trial (dashed: pruned)")
+    ax.grid(alpha=0.3)
+    if best is not None:
+        ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _has_complete(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def write_study_plots(study: optuna.Study, metric: str, folder: Path) -> list[Path]:
+    """Write every plot the study's trials allow (importances need 2+ complete trials)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [plot_val_curves(study, metric, folder / CURVES)]
+    if not _has_complete(study):
+        return written
+    for name, plot in OPTUNA_PLOTS.items():
+        try:
+            figure = plot(study, target_name=metric)
+        except (ValueError, RuntimeError):  # e.g. importances with too few complete trials
+            continue
+        figure.write_html(folder / name, include_plotlyjs=True, full_html=True)
+        written.append(folder / name)
+    return written
+
+
+def log_study_plots(study: optuna.Study, metric: str, client, run_id: str) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_study_plots(study, metric, Path(tmp) / "plots")
+        client.log_artifacts(run_id, str(Path(tmp) / "plots"), "plots")
+    return [f"plots/{p.name}" for p in paths]

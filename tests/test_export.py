@@ -1,0 +1,138 @@
+"""After the sweep: plots on the parent run, `best`, `export` -> `train` reproduces,
+the tutorial class loads the weights, and `confirm` re-ranks across fresh seeds."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from optimsweep.cli import main
+from optimsweep.data import make_regression
+from optimsweep.export import confirm, export_best, open_existing
+from optimsweep.study import run_sweep
+from optimsweep.train import TrainConfig, fit
+from sweeps import fashion_sweep, line_sweep, load
+from test_models import TutorialNeuralNetwork
+
+
+@pytest.fixture
+def tiny_study(tmp_path):
+    """Three real FashionMNIST trials on 1k images; returns the sweep file's path."""
+    path = fashion_sweep(tmp_path)
+    run_sweep(load(path), progress=False)
+    return path
+
+
+def test_parent_run_carries_curves_and_optuna_plots(tmp_path):
+    spec = load(line_sweep(tmp_path, budget={"n_trials": 4, "epochs": 3}))
+    study = run_sweep(spec, progress=False)
+    client = MlflowClient(spec.tracking_uri)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    names = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert names == {"plots/val_curves.png", "plots/optimization_history.html",
+                     "plots/param_importances.html", "plots/parallel_coordinate.html"}
+    png = client.download_artifacts(parent, "plots/val_curves.png", str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    html = open(client.download_artifacts(parent, "plots/optimization_history.html",
+                                          str(tmp_path))).read()
+    # Opens offline: plotly.js is embedded, and no script is fetched from elsewhere.
+    assert len(html) > 1_000_000 and not re.search(r"<script[^>]*src=[\"']https?:", html)
+
+
+def test_best_prints_the_top_trials_with_their_run_ids(tiny_study, capsys):
+    assert main(["best", str(tiny_study)]) == 0
+    out = capsys.readouterr().out
+    study = open_existing(tiny_study).study
+    assert "study 'tiny'" in out and study.best_trial.user_attrs["mlflow_run_id"] in out
+    assert all(re.search(rf"^\s*{t.number}\s+complete", out, re.M) for t in study.trials)
+
+
+def test_export_then_train_reproduces_the_trial(tiny_study, tmp_path, capsys):
+    """The exported config, trained again on CPU with its seed, gives the same metrics."""
+    assert main(["export", str(tiny_study), "--out", str(tmp_path / "best")]) == 0
+    out = capsys.readouterr().out
+    assert "best single-seed trial" in out
+    metrics = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    study = open_existing(tiny_study).study
+    assert metrics["trial"] == study.best_trial.number
+    assert metrics["mlflow_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    assert "git_commit" in metrics["provenance"]["trained_with"]
+    config_text = (tmp_path / "best" / "config.yaml").read_text()
+    config = yaml.safe_load(config_text)
+    assert {"task", "model", "optimizer", "lr", "batch_size", "epochs", "seed", "val_size",
+            "split_seed", "train_subset"} <= set(config)
+
+    from optimsweep.data import load_task
+
+    again = TrainConfig.from_dict({**config, "device": "cpu"})
+    data = load_task(again.task, val_size=again.val_size, split_seed=again.split_seed,
+                     train_subset=again.train_subset)
+    result = fit(again, data)
+    assert result.final.val_accuracy == metrics["final_epoch"]["val_accuracy"]
+    assert result.test_accuracy == metrics["final_epoch"]["test_accuracy"]
+
+    assert main(["train", "--config", str(tmp_path / "best" / "config.yaml"),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Accuracy: {100 * metrics['final_epoch']['test_accuracy']:.1f}%" in printed
+
+
+def test_exported_state_dict_loads_into_the_tutorial_class(tiny_study, tmp_path):
+    done = export_best(open_existing(tiny_study), tmp_path / "best")
+    model = TutorialNeuralNetwork()
+    model.load_state_dict(torch.load(done.folder / "state_dict.pt", weights_only=True))
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_export_by_study_name_uses_the_default_stores(tiny_study, tmp_path, monkeypatch):
+    spec = load(tiny_study)
+    monkeypatch.setenv("OPTIMSWEEP_STORAGE", spec.storage)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", spec.tracking_uri)
+    done = export_best(open_existing("tiny"), tmp_path / "by-name")
+    assert (done.folder / "state_dict.pt").is_file()
+
+
+# A config that overshoots the seed's line and oscillates around it: now and then a seed
+# leaves it closer than a steady config, which is better on average.
+LUCKY = {"optimizer": "sgd", "lr": 0.3, "batch_size": 16}
+STEADY = {"optimizer": "sgd", "lr": 0.03, "batch_size": 16}
+
+
+def _val_loss(seed: int, params: dict, line) -> float:
+    config = TrainConfig(task="regression", model="linear", epochs=3, seed=seed, **params)
+    return fit(config, line).final.val_loss
+
+
+def test_confirm_logs_k_by_s_runs_and_changes_the_export(tmp_path):
+    line = make_regression()
+    lucky_seed = next(s for s in range(500)
+                      if _val_loss(s, LUCKY, line) < _val_loss(s, STEADY, line))
+    space = {"optimizer": {"type": "categorical", "choices": ["sgd"]},
+             "lr": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
+             "batch_size": {"type": "categorical", "choices": [16]}}
+    spec = load(line_sweep(tmp_path, seed=lucky_seed, search_space=space,
+                           budget={"n_trials": 2, "epochs": 3}, baseline=[LUCKY, STEADY]))
+    study = run_sweep(spec, progress=False)
+    assert study.best_trial.number == 0  # the lucky config wins the single-seed sweep
+    opened = open_existing(spec.path)
+    assert export_best(opened, tmp_path / "before").trial.number == 0
+
+    results = confirm(opened, top_k=2, seeds=5, log=lambda msg: None)
+
+    client = MlflowClient(spec.tracking_uri)
+    runs = client.search_runs([study.user_attrs["mlflow_experiment_id"]],
+                              "tags.`optimsweep.role` = 'confirm'")
+    assert len(runs) == 2 * 5
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {
+        study.user_attrs["mlflow_parent_run_id"]}
+    assert lucky_seed not in {int(r.data.tags["optimsweep.seed"]) for r in runs}
+    assert [c.trial for c in results] == [1, 0] and results[0].mean < results[1].mean
+    done = export_best(open_existing(spec.path), tmp_path / "after")
+    assert done.trial.number == 1
+    assert "confirmed winner over 5 fresh seeds" in done.reason
+    assert "single-seed best was trial 0" in done.reason

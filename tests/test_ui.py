@@ -1,0 +1,86 @@
+"""`make ui`: the MLflow UI, driven in real headless Chromium, shows a study's trial runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from optimsweep.study import run_sweep
+from sweeps import line_sweep, load
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None and not os.environ.get("CI"):
+    pytest.skip("Debian's chromium is not installed (`make test` installs it as root)",
+                allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ui(tmp_path):
+    """A finished study and the MLflow UI serving its store, as `make ui` starts it."""
+    spec = load(line_sweep(tmp_path, budget={"n_trials": 3, "epochs": 2}))
+    study = run_sweep(spec, progress=False)
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow), "ui", "--backend-store-uri", spec.tracking_uri, "--host", "127.0.0.1",
+         "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "ui.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError((tmp_path / "ui.log").read_text()) from None
+                time.sleep(0.5)
+        yield url, study
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_browser_sees_the_trial_runs_and_a_metric(ui, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, study = ui
+    experiment = study.user_attrs["mlflow_experiment_id"]
+    trial = study.trials[0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        # The address `make ui` prints: the study's experiment, in the model-training view.
+        page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning")
+        parent = page.get_by_role("gridcell").filter(has_text="study line").first
+        parent.wait_for(timeout=60_000)
+        parent.get_by_role("button").click()  # expand the study's child runs
+        for t in study.trials:
+            page.get_by_text(f"trial {t.number:03d}").first.wait_for(timeout=30_000)
+        page.screenshot(path=tmp_path / "experiment.png", full_page=True)
+        page.get_by_text("trial 000").first.click()
+        page.wait_for_url(f"**/runs/{trial.user_attrs['mlflow_run_id']}**")
+        page.get_by_text("val_loss").first.wait_for(timeout=60_000)
+        page.screenshot(path=tmp_path / "trial.png", full_page=True)
+        browser.close()
+    assert (tmp_path / "experiment.png").stat().st_size > 10_000
+    assert (tmp_path / "trial.png").stat().st_size > 10_000
