@@ -54,6 +54,9 @@ def open_existing(target: str | Path) -> OpenStudy:
                         f"{', '.join(optuna.get_all_study_names(storage)) or 'none'}")
     study = optuna.load_study(study_name=name, storage=storage)
     if spec is None:  # the study keeps the sweep file it was created from
+        if "sweep_text" not in study.user_attrs:
+            raise SpecError(f"study {name!r} does not hold its sweep file; pass the file "
+                            f"instead ({study.user_attrs.get('sweep_file', 'sweeps/NAME.yaml')})")
         spec = parse_spec(study.user_attrs["sweep_text"], study.user_attrs["sweep_file"])
     return OpenStudy(spec, study, Tracker(resolve_tracking_uri(spec.tracking_uri)))
 
