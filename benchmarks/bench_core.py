@@ -6,12 +6,17 @@
 4. The core at batch 256, as a fraction of the roofline (the tutorial MLP costs about
    4.0 MFLOP per training sample: 3 x 1.34 MFLOP for forward + backward).
 
-Usage: python benchmarks/bench_core.py [--device cpu|cuda] [--repeats 3]
+The loops run interleaved in rounds (tutorial, core 64, core 256, roofline) and ratios are
+taken within each round: this machine's speed drifts by up to 1.7x over minutes, and a slow
+phase then hits both sides of a ratio. Medians over rounds are printed.
+
+Usage: python benchmarks/bench_core.py [--device cpu|cuda] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -44,23 +49,31 @@ def matmul_roofline(device: torch.device, n: int = 4096, repeats: int = 5) -> fl
     return 2 * n**3 / best
 
 
-def tutorial_epoch(device, batch_size: int, train_idx, val_idx) -> tuple[float, float]:
-    """The seed tutorial's train_loop and test_loop, verbatim apart from the device move.
+class TutorialLoop:
+    """The seed tutorial's train_loop and test_loop, verbatim apart from the device move."""
 
-    Returns (train seconds, train + evaluation seconds); the evaluation pass covers the same
-    10k validation images the core evaluates each epoch.
-    """
-    from torchvision.datasets import FashionMNIST
-    from torchvision.transforms import ToTensor
+    def __init__(self, device, batch_size: int, train_idx, val_idx):
+        from torchvision.datasets import FashionMNIST
+        from torchvision.transforms import ToTensor
 
-    images = FashionMNIST(str(default_data_root()), train=True, transform=ToTensor())
-    train_loader = DataLoader(Subset(images, train_idx.tolist()), batch_size=batch_size,
-                              shuffle=True)
-    eval_loader = DataLoader(Subset(images, val_idx.tolist()), batch_size=batch_size)
-    torch.manual_seed(0)
-    model = NeuralNetwork().to(device)
-    loss_fn = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        images = FashionMNIST(str(default_data_root()), train=True, transform=ToTensor())
+        self.train_loader = DataLoader(Subset(images, train_idx.tolist()),
+                                       batch_size=batch_size, shuffle=True)
+        self.eval_loader = DataLoader(Subset(images, val_idx.tolist()), batch_size=batch_size)
+        torch.manual_seed(0)
+        self.device = device
+        self.model = NeuralNetwork().to(device)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+
+    def epoch(self) -> tuple[float, float]:
+        """(train seconds, train + evaluation seconds); the evaluation covers the same 10k
+        validation images the core evaluates each epoch."""
+        return tutorial_epoch(self.device, self.model, self.loss_fn, self.optimizer,
+                              self.train_loader, self.eval_loader)
+
+
+def tutorial_epoch(device, model, loss_fn, optimizer, train_loader, eval_loader):
     start = time.perf_counter()
     model.train()
     for batch, (X, y) in enumerate(train_loader):
@@ -84,32 +97,35 @@ def tutorial_epoch(device, batch_size: int, train_idx, val_idx) -> tuple[float, 
     return trained - start, time.perf_counter() - start
 
 
-def core_epoch(data, device: torch.device, batch_size: int, repeats: int) -> tuple[float, float]:
-    """Best of `repeats` epochs of what `fit` does: (train seconds, train + evaluation)."""
-    torch.manual_seed(0)
-    model = NeuralNetwork().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(0)
-    best_train = best_total = float("inf")
-    for epoch in range(repeats + 1):  # the first epoch warms up allocators and caches
-        sync(device)
+class CoreLoop:
+    """What `fit` does each epoch: train_epoch, then evaluate on the validation split."""
+
+    def __init__(self, data, device, batch_size: int):
+        torch.manual_seed(0)
+        self.data, self.device, self.batch_size = data, device, batch_size
+        self.model = NeuralNetwork().to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.generator = torch.Generator().manual_seed(0)
+        self.epoch()  # warm-up: allocator and caches
+
+    def epoch(self) -> tuple[float, float]:
+        d = self.data
+        sync(self.device)
         start = time.perf_counter()
-        train_epoch(model, loss_fn, optimizer, data.train_x, data.train_y, batch_size,
-                    generator, epoch)
-        sync(device)
+        train_epoch(self.model, self.loss_fn, self.optimizer, d.train_x, d.train_y,
+                    self.batch_size, self.generator, 1)
+        sync(self.device)
         trained = time.perf_counter()
-        evaluate(model, loss_fn, data.val_x, data.val_y)
-        if epoch:
-            best_train = min(best_train, trained - start)
-            best_total = min(best_total, time.perf_counter() - start)
-    return best_train, best_total
+        evaluate(self.model, self.loss_fn, d.val_x, d.val_y)
+        sync(self.device)
+        return trained - start, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
     prepare_fashion_mnist()
@@ -120,22 +136,34 @@ def main() -> None:
     print(f"device: {device}  threads: {torch.get_num_threads()}  torch {torch.__version__}  "
           f"train images: {n}")
 
-    roof = max(matmul_roofline(device, n) for n in (2048, 4096))
-    print(f"matmul roofline (best of 2048^2, 4096^2 fp32): {roof / 1e9:.1f} GFLOP/s\n")
+    tutorial = TutorialLoop(device, 64, train_idx, val_idx)
+    core64, core256 = CoreLoop(data, device, 64), CoreLoop(data, device, 256)
+    rows = []
+    print(f"{'round':>5} {'tutorial 64':>12} {'core 64':>9} {'core 256':>9} {'roofline':>10}"
+          f" {'speed-up 64':>12} {'(+eval)':>8} {'core 256 / roof':>16}")
+    for r in range(1, args.rounds + 1):
+        t, c64, c256 = tutorial.epoch(), core64.epoch(), core256.epoch()
+        roof = max(matmul_roofline(device, size) for size in (2048, 4096))
+        row = {"tutorial": t[0], "core64": c64[0], "core256": c256[0], "roof": roof,
+               "speedup": t[0] / c64[0], "speedup_eval": t[1] / c64[1],
+               "share256": n * FLOP_PER_SAMPLE / c256[0] / roof,
+               "share64": n * FLOP_PER_SAMPLE / c64[0] / roof}
+        rows.append(row)
+        print(f"{r:>5} {t[0]:11.2f}s {c64[0]:8.2f}s {c256[0]:8.2f}s {roof / 1e9:6.1f} GF/s"
+              f" {row['speedup']:11.2f}x {row['speedup_eval']:7.2f}x {row['share256']:16.1%}")
 
-    tutorial = tutorial_epoch(device, 64, train_idx, val_idx)
-    core64 = core_epoch(data, device, 64, args.repeats)
-    core256 = core_epoch(data, device, 256, args.repeats)
-    print(f"{'seconds per epoch':34s} {'train':>8s} {'train+eval':>11s}")
-    for name, (train_s, total_s) in (("tutorial DataLoader loop, batch 64", tutorial),
-                                     ("optimsweep core, batch 64", core64),
-                                     ("optimsweep core, batch 256", core256)):
-        print(f"{name:34s} {train_s:8.2f} {total_s:11.2f}")
-    print(f"\nspeed-up over the tutorial at batch 64: train {tutorial[0] / core64[0]:.2f}x, "
-          f"train+eval {tutorial[1] / core64[1]:.2f}x")
-    for name, seconds in (("batch 64", core64[0]), ("batch 256", core256[0])):
-        rate = n * FLOP_PER_SAMPLE / seconds
-        print(f"core training at {name}: {rate / 1e9:.1f} GFLOP/s = {rate / roof:.1%} of roofline")
+    def med(key):
+        return statistics.median(row[key] for row in rows)
+
+    print(f"\nmedian over {len(rows)} rounds (seconds per epoch of {n} images, training only):")
+    print(f"  tutorial DataLoader loop, batch 64:  {med('tutorial'):.2f} s")
+    print(f"  optimsweep core, batch 64:           {med('core64'):.2f} s  "
+          f"({med('share64'):.1%} of roofline)")
+    print(f"  optimsweep core, batch 256:          {med('core256'):.2f} s")
+    print(f"speed-up over the tutorial at batch 64: {med('speedup'):.2f}x "
+          f"(with each epoch's evaluation pass: {med('speedup_eval'):.2f}x)")
+    print(f"core at batch 256, share of the matmul roofline ({med('roof') / 1e9:.0f} GFLOP/s at "
+          f"{FLOP_PER_SAMPLE / 1e6:.1f} MFLOP/sample): {med('share256'):.1%}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -61,7 +62,9 @@ def write_study_plots(study: optuna.Study, metric: str, folder: Path) -> list[Pa
         return written
     for name, plot in OPTUNA_PLOTS.items():
         try:
-            figure = plot(study, target_name=metric)
+            with warnings.catch_warnings():  # importances warn about sparse conditional params
+                warnings.simplefilter("ignore", UserWarning)
+                figure = plot(study, target_name=metric)
         except (ValueError, RuntimeError):  # e.g. importances with too few complete trials
             continue
         figure.write_html(folder / name, include_plotlyjs=True, full_html=True)
