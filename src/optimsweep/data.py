@@ -183,6 +183,7 @@ def load_fashion_mnist(
 def make_regression(
     *,
     device: torch.device | str = "cpu",
+    train_subset: int | None = None,
     n: int = 1000,
     val_size: int = 100,
     test_size: int = 100,
@@ -194,9 +195,9 @@ def make_regression(
     x = torch.linspace(0, 1, n + 1)[:-1].unsqueeze(1)
     y = weight * x + bias
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    test_idx, val_idx, train_idx = perm[:test_size], perm[test_size : test_size + val_size], perm[
-        test_size + val_size :
-    ]
+    test_idx = perm[:test_size]
+    val_idx = perm[test_size : test_size + val_size]
+    train_idx = perm[test_size + val_size :][:train_subset]
     return Dataset(
         train_x=x[train_idx].to(device),
         train_y=y[train_idx].to(device),
@@ -226,5 +227,6 @@ def load_task(
             train_subset=train_subset,
         )
     if task == "regression":
-        return make_regression(device=device, val_size=val_size, split_seed=split_seed)
+        return make_regression(device=device, val_size=val_size, split_seed=split_seed,
+                               train_subset=train_subset)
     raise ValueError(f"task: {task!r} is not known; choose one of: {', '.join(TASKS)}")

@@ -24,14 +24,6 @@ from optimsweep.train import DivergedError
 DEFAULT_STORAGE = "mlruns/optuna.journal"
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-class NonFiniteMetric(DivergedError):
-    def __init__(self, epoch: int, metric: str, value: float):
-        RuntimeError.__init__(self, f"{metric} is {value} at epoch {epoch}")
-        self.epoch, self.step, self.loss = epoch, 0, value
-
 
 # ---------------------------------------------------------------- storage, sampler, pruner
 
@@ -122,7 +114,7 @@ def make_objective(ctx: StudyContext, data, tracker):
             tracker.log_epoch(run_id, stats)
             value = getattr(stats, spec.metric)
             if not math.isfinite(value):
-                raise NonFiniteMetric(stats.epoch, spec.metric, value)
+                raise DivergedError(stats.epoch, 0, value, what=spec.metric)
             trial.report(value, stats.epoch)
             return trial.should_prune()
 

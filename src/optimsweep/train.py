@@ -41,10 +41,11 @@ class ConfigError(ValueError):
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss (or another watched value) became NaN or infinite."""
 
-    def __init__(self, epoch: int, step: int, loss: float):
-        super().__init__(f"training diverged: loss is {loss} at epoch {epoch}, step {step}")
+    def __init__(self, epoch: int, step: int, loss: float, what: str = "loss"):
+        where = f"epoch {epoch}, step {step}" if step else f"epoch {epoch}"
+        super().__init__(f"training diverged: {what} is {loss} at {where}")
         self.epoch, self.step, self.loss = epoch, step, loss
 
 
