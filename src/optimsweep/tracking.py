@@ -28,6 +28,8 @@ CONFIG_FILE = "config.yaml"
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# One small state_dict per download: a progress bar is only noise between our own lines.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def resolve_tracking_uri(spec_uri: str | None = None) -> str:
