@@ -157,3 +157,33 @@ def test_storage_defaults_to_a_journal_under_mlruns(monkeypatch):
     assert resolve_storage(None) == "mlruns/optuna.journal"
     monkeypatch.setenv("OPTIMSWEEP_STORAGE", "postgresql://db/optuna")
     assert resolve_storage("x.journal") == "postgresql://db/optuna"
+
+
+def test_ctrl_c_fails_the_trial_without_using_budget_and_resume_completes(tmp_path,
+                                                                          monkeypatch):
+    """Ctrl-C during trial 1: it ends failed and `interrupted`, its run FAILED, the study's
+    run KILLED; running again finishes the budget with three counted trials."""
+    import optimsweep.train
+
+    real_fit = optimsweep.train.fit
+    calls = []
+
+    def fit_interrupted_once(config, data, on_epoch=None):
+        calls.append(config)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(config, data, on_epoch)
+
+    monkeypatch.setattr(optimsweep.train, "fit", fit_interrupted_once)
+    spec = load(line_sweep(tmp_path, budget={"n_trials": 3, "epochs": 2}))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, progress=False)
+    trial = load_study(spec).trials[1]
+    assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"] is True
+    (parent,) = mlflow_runs(spec, "study")[1]
+    assert parent.info.status == "KILLED"
+
+    run_sweep(load(spec.path), progress=False)
+    _, _, trials = assert_optuna_and_mlflow_agree(spec)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert mlflow_runs(spec, "study")[1][0].info.status == "FINISHED"

@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DivergedError, SpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the unfinished trial is marked failed and does not count; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
