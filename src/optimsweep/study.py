@@ -164,7 +164,8 @@ def run_worker(ctx: StudyContext, n_trials: int, timeout: float | None, worker: 
                      val_size=base.get("val_size"), split_seed=base.get("split_seed", 0),
                      train_subset=base.get("train_subset"))
     storage = open_storage(ctx.storage_url)
-    done = len(storage.get_all_trials(_study_id(storage, spec.name), deepcopy=False))
+    done = len(storage.get_all_trials(storage.get_study_id_from_name(spec.name),
+                                      deepcopy=False))
     # Distinct seeds per worker and per resume, so no two samplers repeat each other.
     study = optuna.load_study(study_name=spec.name, storage=storage,
                               sampler=build_sampler(spec, seed=spec.seed * 10_007 + done * 101
@@ -172,14 +173,6 @@ def run_worker(ctx: StudyContext, n_trials: int, timeout: float | None, worker: 
                               pruner=build_pruner(spec))
     study.optimize(make_objective(ctx, data, Tracker(ctx.tracking_uri)), n_trials=n_trials,
                    timeout=timeout, catch=(DivergedError,), show_progress_bar=progress)
-
-
-def _study_id(storage, name: str) -> int:
-    return storage.get_study_id_from_name(name)
-
-
-def _worker_main(ctx, n_trials, timeout, worker, n_workers):
-    run_worker(ctx, n_trials, timeout, worker, n_workers, progress=False)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -269,13 +262,9 @@ def _watch(study: optuna.Study, processes, target: int, start_count: int) -> Non
     with tqdm(total=target, desc=study.study_name, unit="trial") as bar:
         while any(p.is_alive() for p in processes):
             time.sleep(1.0)
-            finished = [t for t in study.get_trials(deepcopy=False)
-                        if t.state.is_finished()]
             bar.n = min(target, len(counted_trials(study)) - start_count)
-            complete = [t for t in finished if t.state == TrialState.COMPLETE]
-            if complete:
-                best = (max if study.direction.name == "MAXIMIZE" else min)(
-                    complete, key=lambda t: t.value)
+            if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                best = study.best_trial
                 bar.set_postfix_str(f"best: trial {best.number} = {best.value:.4f}")
             bar.refresh()
 
@@ -288,7 +277,8 @@ def run_sweep(spec: Spec, *, n_trials: int | None = None, timeout: float | None 
     total = n_trials or spec.budget.n_trials
     timeout = timeout or spec.budget.timeout
     study, ctx, tracker = open_study(spec, workers=workers)
-    remaining = max(0, total - len(counted_trials(study)))
+    counted = len(counted_trials(study))
+    remaining = max(0, total - counted)
     status = "FINISHED"
     try:
         if remaining and workers == 1:
@@ -296,13 +286,13 @@ def run_sweep(spec: Spec, *, n_trials: int | None = None, timeout: float | None 
         elif remaining:
             mp = multiprocessing.get_context("spawn")
             quotas = [q for q in _split_quota(remaining, workers) if q]
-            processes = [mp.Process(target=_worker_main, args=(ctx, q, timeout, i, len(quotas)))
+            processes = [mp.Process(target=run_worker,
+                                    args=(ctx, q, timeout, i, len(quotas), False))
                          for i, q in enumerate(quotas)]
-            start = len(counted_trials(study))
             for p in processes:
                 p.start()
             if progress:
-                _watch(study, processes, remaining, start)
+                _watch(study, processes, remaining, counted)
             for p in processes:
                 p.join()
             failed = [p.exitcode for p in processes if p.exitcode != 0]
