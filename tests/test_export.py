@@ -15,7 +15,7 @@ from optimsweep.cli import main
 from optimsweep.data import make_regression
 from optimsweep.export import confirm, export_best, open_existing
 from optimsweep.study import run_sweep
-from optimsweep.train import TrainConfig, fit
+from optimsweep.train import TrainConfig, fit, load_data
 from sweeps import fashion_sweep, line_sweep, load
 from test_models import TutorialNeuralNetwork
 
@@ -67,12 +67,8 @@ def test_export_then_train_reproduces_the_trial(tiny_study, tmp_path, capsys):
     assert {"task", "model", "optimizer", "lr", "batch_size", "epochs", "seed", "val_size",
             "split_seed", "train_subset"} <= set(config)
 
-    from optimsweep.data import load_task
-
     again = TrainConfig.from_dict({**config, "device": "cpu"})
-    data = load_task(again.task, val_size=again.val_size, split_seed=again.split_seed,
-                     train_subset=again.train_subset)
-    result = fit(again, data)
+    result = fit(again, load_data(again))
     assert result.final.val_accuracy == metrics["final_epoch"]["val_accuracy"]
     assert result.test_accuracy == metrics["final_epoch"]["test_accuracy"]
 

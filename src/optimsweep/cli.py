@@ -35,18 +35,15 @@ def _print_epoch(config: TrainConfig, stats: EpochStats) -> None:
 
 
 def cmd_train(args) -> int:
-    from optimsweep.data import load_task
-    from optimsweep.train import fit, resolve_device
+    from optimsweep.train import fit, load_data
 
     values = load_config_file(args.config) if args.config else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                    if getattr(args, f.name) is not None})
     config = TrainConfig.from_dict(values)
-    device = resolve_device(config.device)
-    data = load_task(config.task, device=device, val_size=config.val_size,
-                     split_seed=config.split_seed, train_subset=config.train_subset)
+    data = load_data(config)
     print(f"training {config.model} on {config.task} ({len(data.train_y)} train / "
-          f"{len(data.val_y)} validation / {len(data.test_y)} test) on {device}")
+          f"{len(data.val_y)} validation / {len(data.test_y)} test) on {data.device}")
     result = fit(config, data, on_epoch=lambda s: _print_epoch(config, s))
     acc = "" if result.test_accuracy is None else f"Accuracy: {100 * result.test_accuracy:.1f}%, "
     print(f"Test Error:\n {acc}Avg loss: {result.test_loss:.6f}")

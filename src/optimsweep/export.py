@@ -12,13 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import yaml
 from optuna.trial import TrialState
 
 from optimsweep.provenance import provenance
 from optimsweep.spec import Spec, SpecError, load_spec, parse_spec
 from optimsweep.study import open_storage, resolve_storage
-from optimsweep.tracking import CONFIG_FILE, STATE_DICT, Tracker, resolve_tracking_uri
+from optimsweep.tracking import (
+    CONFIG_FILE,
+    STATE_DICT,
+    Tracker,
+    config_yaml,
+    resolve_tracking_uri,
+)
 
 METRICS_FILE = "metrics.json"
 
@@ -88,9 +93,8 @@ class Confirmation:
 def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> list[Confirmation]:
     """Re-train the top-k configs with `seeds` fresh seeds each, as child runs of the study's
     parent run; rank by the mean metric and remember the winner for `export`."""
-    from optimsweep.data import load_task
     from optimsweep.space import config_from_params
-    from optimsweep.train import DivergedError, fit, resolve_device
+    from optimsweep.train import DivergedError, fit, load_data
 
     spec, study, tracker = opened.spec, opened.study, opened.tracker
     if top_k < 1 or seeds < 1:
@@ -99,14 +103,13 @@ def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> 
     if not top:
         raise SpecError(f"study {spec.name!r} has no complete trial to confirm")
     fresh = [spec.seed + 1 + i for i in range(seeds)]  # never the seed the sweep used
-    base = config_from_params(spec, top[0].params)
-    data = load_task(spec.task, device=resolve_device(base.device), val_size=base.val_size,
-                     split_seed=base.split_seed, train_subset=base.train_subset)
+    data = load_data(config_from_params(spec, top[0].params))  # the split all trials share
     results = []
     for trial in top:
         confirmation = Confirmation(trial.number, trial.params, fresh, [], [])
+        trained = config_from_params(spec, trial.params)
         for seed in fresh:
-            config = dataclasses.replace(config_from_params(spec, trial.params), seed=seed)
+            config = dataclasses.replace(trained, seed=seed)
             run_id = tracker.start_trial(opened.experiment_id, opened.parent_run_id, spec.name,
                                          trial.number, config, trial.params, role="confirm",
                                          tags={"optimsweep.seed": str(seed)},
@@ -172,8 +175,7 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
     run_id = trial.user_attrs["mlflow_run_id"]
     header = (f"# Exported from study {spec.name!r}, trial {trial.number}: {reason}.\n"
               f"# Reproduce: optimsweep train --config {folder / CONFIG_FILE}\n")
-    (folder / CONFIG_FILE).write_text(header + yaml.safe_dump(config.active_params(),
-                                                              sort_keys=False))
+    (folder / CONFIG_FILE).write_text(header + config_yaml(config))
     tracker.client.download_artifacts(run_id, STATE_DICT, str(folder))
     run = tracker.client.get_run(run_id)
     recorded = {k: v for k, v in run.data.tags.items() if k in provenance() or k == "git_commit"}

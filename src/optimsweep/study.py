@@ -151,18 +151,14 @@ def run_worker(ctx: StudyContext, n_trials: int, timeout: float | None, worker: 
     """One process's share of the study: load the data once, then run trials."""
     import torch
 
-    from optimsweep.data import load_task
     from optimsweep.tracking import Tracker
-    from optimsweep.train import resolve_device
+    from optimsweep.train import TrainConfig, load_data
 
     if n_workers > 1:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = ctx.spec
-    base = spec.base_config()
-    data = load_task(spec.task, device=resolve_device(base.get("device", "auto")),
-                     val_size=base.get("val_size"), split_seed=base.get("split_seed", 0),
-                     train_subset=base.get("train_subset"))
+    data = load_data(TrainConfig.from_dict(spec.base_config()))
     storage = open_storage(ctx.storage_url)
     done = len(storage.get_all_trials(storage.get_study_id_from_name(spec.name),
                                       deepcopy=False))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from optimsweep.data import DEFAULT_VAL_SIZE, TASKS, Dataset
+from optimsweep.data import DEFAULT_VAL_SIZE, TASKS, Dataset, load_task
 from optimsweep.models import MODELS_BY_TASK, build_model
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -199,6 +199,12 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; "
                           "choose one of: auto, cpu")
     return torch.device(name)
+
+
+def load_data(config: TrainConfig) -> Dataset:
+    """The dataset `config` trains on: its task and split, on its device."""
+    return load_task(config.task, device=resolve_device(config.device), val_size=config.val_size,
+                     split_seed=config.split_seed, train_subset=config.train_subset)
 
 
 def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
