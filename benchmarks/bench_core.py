@@ -5,17 +5,21 @@
 3. One epoch of `optimsweep.train.train_epoch` on the same model, data and batch size.
 4. The core at batch 256, as a fraction of the roofline (the tutorial MLP costs about
    4.0 MFLOP per training sample: 3 x 1.34 MFLOP for forward + backward).
+5. The matmul floor at batch 64: only the eight matrix multiplies of each training step (same
+   shapes and layouts, nothing else), so the speed-up that any fp32 implementation of the
+   core could reach over the tutorial on this machine is measured too.
 
 The loops run interleaved in rounds (tutorial, core 64, core 256, roofline) and ratios are
 taken within each round: this machine's speed drifts by up to 1.7x over minutes, and a slow
 phase then hits both sides of a ratio. Medians over rounds are printed.
 
-Usage: python benchmarks/bench_core.py [--device cpu|cuda] [--rounds 3]
+Usage: python benchmarks/bench_core.py [--device cpu|cuda] [--rounds 3] [--train-images N]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -122,35 +126,74 @@ class CoreLoop:
         return trained - start, time.perf_counter() - start
 
 
+class MatmulFloor:
+    """The eight GEMMs one training step of the tutorial MLP cannot avoid: three forward,
+    and in backward the weight gradients of all three layers plus the input gradients of
+    layers 2 and 3 (the images need none). No activations, loss, autograd or optimizer."""
+
+    def __init__(self, device, batch_size: int, n: int):
+        self.n, self.batch_size = n, batch_size
+        w = [layer.weight.detach() for layer in NeuralNetwork().to(device).linear_relu_stack
+             if isinstance(layer, nn.Linear)]
+        b = [torch.zeros(layer.shape[0], device=device) for layer in w]
+        self.w, self.b, self.device = w, b, device
+        self.x = torch.rand(batch_size, w[0].shape[1], device=device)
+        self.epoch()
+
+    def epoch(self) -> tuple[float, float]:
+        (w1, w2, w3), (b1, b2, b3), x = self.w, self.b, self.x
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(math.ceil(self.n / self.batch_size)):
+            h1 = torch.addmm(b1, x, w1.t())
+            h2 = torch.addmm(b2, h1, w2.t())
+            g3 = torch.addmm(b3, h2, w3.t())
+            torch.mm(g3.t(), h2)
+            g2 = torch.mm(g3, w3)
+            torch.mm(g2.t(), h1)
+            g1 = torch.mm(g2, w2)
+            torch.mm(g1.t(), x)
+        sync(self.device)
+        elapsed = time.perf_counter() - start
+        return elapsed, elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="time epochs over the first N training images only (a quick check)")
     args = parser.parse_args()
     device = torch.device(args.device)
     prepare_fashion_mnist()
-    data = load_fashion_mnist(device=device)
+    data = load_fashion_mnist(device=device, train_subset=args.train_images)
     n = len(data.train_y)
     # the same 50k training and 10k validation images the core uses
     train_idx, val_idx = _split(60_000, len(data.val_y), data.split_seed)
+    train_idx = train_idx[:n]
     print(f"device: {device}  threads: {torch.get_num_threads()}  torch {torch.__version__}  "
           f"train images: {n}")
 
     tutorial = TutorialLoop(device, 64, train_idx, val_idx)
     core64, core256 = CoreLoop(data, device, 64), CoreLoop(data, device, 256)
+    floor64 = MatmulFloor(device, 64, n)
     rows = []
-    print(f"{'round':>5} {'tutorial 64':>12} {'core 64':>9} {'core 256':>9} {'roofline':>10}"
-          f" {'speed-up 64':>12} {'(+eval)':>8} {'core 256 / roof':>16}")
+    print(f"{'round':>5} {'tutorial 64':>12} {'core 64':>9} {'floor 64':>9} {'core 256':>9}"
+          f" {'roofline':>10} {'speed-up 64':>12} {'(+eval)':>8} {'ceiling 64':>11}"
+          f" {'core 256 / roof':>16}")
     for r in range(1, args.rounds + 1):
-        t, c64, c256 = tutorial.epoch(), core64.epoch(), core256.epoch()
+        t, c64, f64, c256 = tutorial.epoch(), core64.epoch(), floor64.epoch(), core256.epoch()
         roof = max(matmul_roofline(device, size) for size in (2048, 4096))
-        row = {"tutorial": t[0], "core64": c64[0], "core256": c256[0], "roof": roof,
-               "speedup": t[0] / c64[0], "speedup_eval": t[1] / c64[1],
+        row = {"tutorial": t[0], "core64": c64[0], "floor64": f64[0], "core256": c256[0],
+               "roof": roof, "speedup": t[0] / c64[0], "speedup_eval": t[1] / c64[1],
+               "ceiling": t[0] / f64[0], "core_over_floor": c64[0] / f64[0],
                "share256": n * FLOP_PER_SAMPLE / c256[0] / roof,
                "share64": n * FLOP_PER_SAMPLE / c64[0] / roof}
         rows.append(row)
-        print(f"{r:>5} {t[0]:11.2f}s {c64[0]:8.2f}s {c256[0]:8.2f}s {roof / 1e9:6.1f} GF/s"
-              f" {row['speedup']:11.2f}x {row['speedup_eval']:7.2f}x {row['share256']:16.1%}")
+        print(f"{r:>5} {t[0]:11.2f}s {c64[0]:8.2f}s {f64[0]:8.2f}s {c256[0]:8.2f}s"
+              f" {roof / 1e9:6.1f} GF/s {row['speedup']:11.2f}x {row['speedup_eval']:7.2f}x"
+              f" {row['ceiling']:10.2f}x {row['share256']:16.1%}")
 
     def med(key):
         return statistics.median(row[key] for row in rows)
@@ -159,12 +202,14 @@ def main() -> None:
     print(f"  tutorial DataLoader loop, batch 64:  {med('tutorial'):.2f} s")
     print(f"  optimsweep core, batch 64:           {med('core64'):.2f} s  "
           f"({med('share64'):.1%} of roofline)")
+    print(f"  its eight matmuls alone, batch 64:   {med('floor64'):.2f} s  "
+          f"(the core takes {med('core_over_floor'):.2f}x that)")
     print(f"  optimsweep core, batch 256:          {med('core256'):.2f} s")
     print(f"speed-up over the tutorial at batch 64: {med('speedup'):.2f}x "
-          f"(with each epoch's evaluation pass: {med('speedup_eval'):.2f}x)")
+          f"(with each epoch's evaluation pass: {med('speedup_eval'):.2f}x); "
+          f"matmuls alone would give {med('ceiling'):.2f}x")
     print(f"core at batch 256, share of the matmul roofline ({med('roof') / 1e9:.0f} GFLOP/s at "
           f"{FLOP_PER_SAMPLE / 1e6:.1f} MFLOP/sample): {med('share256'):.1%}")
-
 
 if __name__ == "__main__":
     main()
