@@ -73,14 +73,12 @@ def _print_table(table) -> None:
 
 def cmd_sweep(args) -> int:
     from optimsweep.spec import load_spec
-    from optimsweep.study import counted_trials, run_sweep, trials_table
+    from optimsweep.study import counted_trials, run_sweep, state_counts, trials_table
 
     spec = load_spec(args.file)
     study = run_sweep(spec, n_trials=args.n_trials, timeout=args.timeout, workers=args.workers,
                       progress=not args.no_progress)
-    trials = study.get_trials(deepcopy=False)
-    states = {s: sum(t.state.name.lower() == s for t in trials)
-              for s in ("complete", "pruned", "fail")}
+    states = state_counts(study)
     print(f"\nstudy {spec.name!r}: {len(counted_trials(study))} trials "
           f"({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed)")
     print(f"top trials by {spec.metric} (validation; test accuracy is reported, never used to "

@@ -205,7 +205,8 @@ def fail_stale_trials(study: optuna.Study, tracker) -> int:
 
 
 def open_study(spec: Spec, *, workers: int = 1):
-    """Create or resume the study and its MLflow parent run; returns (study, context)."""
+    """Create or resume the study and its MLflow parent run; returns (study, context,
+    tracker)."""
     from optimsweep.tracking import Tracker, resolve_tracking_uri
 
     storage_url = resolve_storage(spec.storage)
@@ -309,14 +310,19 @@ def run_sweep(spec: Spec, *, n_trials: int | None = None, timeout: float | None 
     return study
 
 
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Finished trials by outcome: {"complete": n, "pruned": n, "fail": n}."""
+    trials = study.get_trials(deepcopy=False)
+    return {s.name.lower(): sum(t.state == s for t in trials)
+            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+
+
 def finish_study_run(study: optuna.Study, ctx: StudyContext, tracker) -> None:
     """Summarise the study on its parent run: counts by state and the best trial."""
     from mlflow.entities import Metric, RunTag
 
-    trials = study.get_trials(deepcopy=False)
     now = int(time.time() * 1000)
-    counts = {s.name.lower(): sum(t.state == s for t in trials)
-              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    counts = state_counts(study)
     metrics = [Metric(f"n_{k}", v, now, 0) for k, v in counts.items()]
     tags = []
     if counts["complete"]:
