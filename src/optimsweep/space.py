@@ -5,20 +5,16 @@ This is the one place where sampled values meet the training core's config.
 
 from __future__ import annotations
 
-import dataclasses
-
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from optimsweep.spec import Param, Spec
-from optimsweep.train import TrainConfig
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+from optimsweep.train import CONFIG_DEFAULTS, TrainConfig
 
 
 def applies(param: Param, values: dict) -> bool:
     """True when every `when` condition holds for the values chosen so far."""
-    return all(values.get(parent, _DEFAULTS.get(parent)) in allowed
+    return all(values.get(parent, CONFIG_DEFAULTS.get(parent)) in allowed
                for parent, allowed in param.when.items())
 
 

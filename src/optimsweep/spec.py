@@ -20,7 +20,7 @@ import yaml
 
 from optimsweep.data import TASKS
 from optimsweep.models import MODELS_BY_TASK
-from optimsweep.train import CONDITIONS, ConfigError, TrainConfig
+from optimsweep.train import CONDITIONS, CONFIG_DEFAULTS, ConfigError, TrainConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "task", "model", "metric", "direction", "seed",
                   "sampler", "pruner", "budget", "storage", "tracking_uri", "data", "fixed",
@@ -252,7 +252,6 @@ def _check_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
 
 def _add_implied_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
     """momentum only for momentum SGD, betas only for Adam, ...: the core's own CONDITIONS."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name, param in space.items():
         if name not in CONDITIONS:
             continue
@@ -261,7 +260,7 @@ def _add_implied_conditions(path: Path, space: dict[str, Param], fixed: dict) ->
         if parent in space:
             possible = space[parent].distribution.choices
         else:
-            possible = (fixed.get(parent, defaults[parent]),)
+            possible = (fixed.get(parent, CONFIG_DEFAULTS[parent]),)
         if not set(param.when[parent]) & set(possible):
             raise _fail(path, f"search_space.{name}", f"never applies: it is used only when "
                         f"{parent} is {value}, and {parent} can only be "

@@ -121,6 +121,9 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if self.is_active(k)}
 
 
+CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def _choose(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
