@@ -12,9 +12,10 @@ import yaml
 from mlflow import MlflowClient
 
 from optimsweep.cli import main
+from optimsweep.confirm import confirm
 from optimsweep.data import make_regression
-from optimsweep.export import confirm, export_best, open_existing
-from optimsweep.study import run_sweep
+from optimsweep.export import export_best
+from optimsweep.study import open_existing, run_sweep
 from optimsweep.train import TrainConfig, fit, load_data
 from sweeps import fashion_sweep, line_sweep, load
 from test_models import TutorialNeuralNetwork

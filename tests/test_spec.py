@@ -117,6 +117,31 @@ BAD = {
         "search_space.momentum: never applies"),
     "baseline outside the space": ({"baseline": [{"lr": 5.0}]},
                                    "baseline[0].lr: 5.0 lies outside the search space"),
+    "negative seed": ({"seed": -1},
+                      "seed: seed: -1 is out of range; must be an integer in [0, 4294967295]"),
+    "seed beyond numpy's range": ({"seed": "1e12"}, "seed: seed: 1000000000000 is out of range"),
+    "validation split as large as the data": (
+        {"data": {"val_size": 900}},
+        "data.val_size: val_size: 900 is out of range; must be an integer in [1, 899]"),
+    "validation split larger than FashionMNIST": (
+        {"task": "fashion_mnist", "model": "mlp", "metric": "val_accuracy",
+         "data": {"val_size": 70000}},
+        "data.val_size: val_size: 70000 is out of range; must be an integer in [1, 59999]"),
+    "sampler option of the wrong type": (
+        {"sampler": {"name": "tpe", "n_startup_trials": "8"}},
+        "sampler.n_startup_trials: '8' is not an integer"),
+    "grid with a partial baseline": (
+        {"sampler": "grid",
+         "search_space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+                          "batch_size": {"type": "categorical", "choices": [16, 64]}},
+         "baseline": [{"optimizer": "sgd"}]},
+        "baseline[0]: the grid sampler needs every parameter of a baseline; missing: "
+        "batch_size"),
+    "infinite weight decay": ({"fixed": {"weight_decay": float("inf")}},
+                              "fixed.weight_decay: weight_decay: inf is not a finite number"),
+    "a name that climbs out of exports/": ({"name": "../../x"}, "name: '../../x' is not allowed"),
+    "an absolute name": ({"name": "/tmp/x"}, "name: '/tmp/x' is not allowed"),
+    "a quote in the name": ({"name": "it's"}, "name: \"it's\" is not allowed"),
 }
 
 
@@ -127,8 +152,30 @@ def test_invalid_file_names_the_key_and_creates_nothing(tmp_path, capsys, overri
         load_spec(path)
     assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
     assert main(["sweep", str(path)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line, no traceback
     assert not (tmp_path / "mlruns").exists()  # no study, no MLflow database, no runs
+
+
+def test_a_binary_sweep_file_is_one_clear_error(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(bytes(range(256)))
+    assert main(["sweep", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: not a text file (UTF-8 YAML expected)\n"
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_parameter_listed_before_the_one_it_depends_on_is_still_sampled():
+    """step_size depends on scheduler, which depends on optimizer: file order is free."""
+    spec = parse_spec(yaml.safe_dump({"search_space": {
+        "step_size": {"type": "int", "low": 1, "high": 5},
+        "scheduler": {"type": "categorical", "choices": ["none", "step"],
+                      "when": {"optimizer": ["adam"]}},
+        "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+    }}, sort_keys=False))
+    params = {"optimizer": "adam", "scheduler": "step", "step_size": 2}
+    trial = optuna.trial.FixedTrial(params)
+    assert suggest_config(trial, spec).step_size == 2 and trial.params == params
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -8,52 +8,19 @@ import math
 import optuna
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from optimsweep.models import LinearRegressionModel
 from optimsweep.spec import SpecError
-from optimsweep.study import open_storage, resolve_storage, run_sweep
+from optimsweep.storage import open_storage, resolve_storage
+from optimsweep.study import run_sweep
+from records import assert_invariant, load_study, mlflow_runs
 from sweeps import fashion_sweep, line_sweep, load
-
-STATUS_OF = {"COMPLETE": ("FINISHED", "complete"), "PRUNED": ("KILLED", "pruned"),
-             "FAIL": ("FAILED", "failed")}
-
-
-def mlflow_runs(spec, role=None):
-    client = MlflowClient(spec.tracking_uri)
-    experiment = client.get_experiment_by_name(spec.name)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    return client, [r for r in runs if role is None or r.data.tags["optimsweep.role"] == role]
-
-
-def load_study(spec):
-    return optuna.load_study(study_name=spec.name, storage=open_storage(spec.storage))
-
-
-def assert_optuna_and_mlflow_agree(spec):
-    """Every trial has exactly one child run, and both tell the same story."""
-    client, children = mlflow_runs(spec, "trial")
-    (parent,) = mlflow_runs(spec, "study")[1]
-    trials = load_study(spec).trials
-    assert len(children) == len(trials)
-    by_id = {r.info.run_id: r for r in children}
-    for trial in trials:
-        run = by_id[trial.user_attrs["mlflow_run_id"]]
-        assert run.data.tags["optimsweep.trial_number"] == str(trial.number)
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert (run.info.status, run.data.tags["optimsweep.state"]) == STATUS_OF[trial.state.name]
-        for name, value in trial.params.items():
-            assert run.data.params[name] == str(value)
-        if trial.state.name == "COMPLETE":
-            history = client.get_metric_history(run.info.run_id, spec.metric)
-            assert history[-1].value == pytest.approx(trial.value)
-    return client, children, trials
 
 
 def test_sweep_records_parent_and_child_runs_with_curves_and_weights(tmp_path):
     spec = load(line_sweep(tmp_path))
     run_sweep(spec, progress=False)
-    client, children, trials = assert_optuna_and_mlflow_agree(spec)
+    client, children, trials = assert_invariant(spec)
     (parent,) = mlflow_runs(spec, "study")[1]
     assert parent.info.status == "FINISHED" and len(children) == 4
     assert parent.data.tags["optimsweep.sampler"] == "random"
@@ -90,7 +57,7 @@ def test_running_again_resumes_without_duplicates(tmp_path):
     run_sweep(load(path), progress=False)  # budget already spent: nothing new
     assert len(load_study(spec).trials) == 3
     run_sweep(load(path), n_trials=5, progress=False)  # a bigger budget adds the difference
-    _, children, trials = assert_optuna_and_mlflow_agree(spec)
+    _, children, trials = assert_invariant(spec, n_trials=5)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4] and len(children) == 5
     assert len(mlflow_runs(spec, "study")[1]) == 1
     assert len(optuna.get_all_study_names(open_storage(spec.storage))) == 1
@@ -99,7 +66,7 @@ def test_running_again_resumes_without_duplicates(tmp_path):
 def test_two_workers_finish_a_study_without_losing_or_repeating_trials(tmp_path):
     spec = load(line_sweep(tmp_path, budget={"n_trials": 6, "epochs": 2}))
     run_sweep(spec, workers=2, progress=False)
-    _, children, trials = assert_optuna_and_mlflow_agree(spec)
+    _, children, trials = assert_invariant(spec)
     assert sorted(t.number for t in trials) == list(range(6))
     assert all(t.state.is_finished() for t in trials)
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # really two processes
@@ -121,7 +88,7 @@ def test_baseline_runs_first_and_bad_trials_are_pruned(tmp_path):
         baseline=[{"optimizer": "adam", "lr": 0.05, "batch_size": 16},
                   {"optimizer": "sgd", "lr": 0.001, "batch_size": 64}]))
     run_sweep(spec, progress=False)
-    _, _, trials = assert_optuna_and_mlflow_agree(spec)
+    _, _, trials = assert_invariant(spec)
     assert trials[0].params == {"optimizer": "adam", "lr": 0.05, "batch_size": 16}
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]
     assert trials[1].user_attrs["epochs_run"] < 4
@@ -136,7 +103,7 @@ def test_diverged_trial_fails_and_the_study_goes_on(tmp_path):
         baseline=[{"optimizer": "momentum", "lr": 1.0e4},
                   {"optimizer": "adam", "lr": 1.0e-3}]))
     study = run_sweep(spec, progress=False)
-    _, children, trials = assert_optuna_and_mlflow_agree(spec)
+    _, children, trials = assert_invariant(spec)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert "diverged" in trials[0].user_attrs["error"]
     assert study.best_trial.number == 1 and math.isfinite(study.best_value)
@@ -157,33 +124,3 @@ def test_storage_defaults_to_a_journal_under_mlruns(monkeypatch):
     assert resolve_storage(None) == "mlruns/optuna.journal"
     monkeypatch.setenv("OPTIMSWEEP_STORAGE", "postgresql://db/optuna")
     assert resolve_storage("x.journal") == "postgresql://db/optuna"
-
-
-def test_ctrl_c_fails_the_trial_without_using_budget_and_resume_completes(tmp_path,
-                                                                          monkeypatch):
-    """Ctrl-C during trial 1: it ends failed and `interrupted`, its run FAILED, the study's
-    run KILLED; running again finishes the budget with three counted trials."""
-    import optimsweep.train
-
-    real_fit = optimsweep.train.fit
-    calls = []
-
-    def fit_interrupted_once(config, data, on_epoch=None):
-        calls.append(config)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_fit(config, data, on_epoch)
-
-    monkeypatch.setattr(optimsweep.train, "fit", fit_interrupted_once)
-    spec = load(line_sweep(tmp_path, budget={"n_trials": 3, "epochs": 2}))
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(spec, progress=False)
-    trial = load_study(spec).trials[1]
-    assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"] is True
-    (parent,) = mlflow_runs(spec, "study")[1]
-    assert parent.info.status == "KILLED"
-
-    run_sweep(load(spec.path), progress=False)
-    _, _, trials = assert_optuna_and_mlflow_agree(spec)
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
-    assert mlflow_runs(spec, "study")[1][0].info.status == "FINISHED"

@@ -5,23 +5,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
+# Only the standard library above: the signal handlers go in before torch, MLflow and Optuna
+# are imported, so a Ctrl-C during start-up is handled like any other.
+from optimsweep.signals import stop_on_signals
+from optimsweep.terminal import quiet
+from optimsweep.urls import redact_text
 
-from optimsweep.spec import SpecError
-from optimsweep.train import ConfigError, DivergedError, EpochStats, TrainConfig
+if TYPE_CHECKING:
+    from optimsweep.train import EpochStats, TrainConfig
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
+    from optimsweep.train import TrainConfig
+
     for f in dataclasses.fields(TrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
                             metavar=f.name.upper(), help=f"default: {f.default}")
 
 
 def load_config_file(path: Path) -> dict:
-    with open(path) as fh:
-        values = yaml.safe_load(fh) or {}
+    import yaml
+
+    from optimsweep.train import ConfigError
+
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: can't be read as YAML: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of training parameters")
     return values
@@ -35,7 +51,7 @@ def _print_epoch(config: TrainConfig, stats: EpochStats) -> None:
 
 
 def cmd_train(args) -> int:
-    from optimsweep.train import fit, load_data
+    from optimsweep.train import TrainConfig, fit, load_data
 
     values = load_config_file(args.config) if args.config else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -72,15 +88,14 @@ def _print_table(table) -> None:
 
 
 def cmd_sweep(args) -> int:
+    from optimsweep.report import summary_line, trials_table
     from optimsweep.spec import load_spec
-    from optimsweep.study import counted_trials, run_sweep, state_counts, trials_table
+    from optimsweep.study import run_sweep
 
     spec = load_spec(args.file)
     study = run_sweep(spec, n_trials=args.n_trials, timeout=args.timeout, workers=args.workers,
                       progress=not args.no_progress)
-    states = state_counts(study)
-    print(f"\nstudy {spec.name!r}: {len(counted_trials(study))} trials "
-          f"({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed)")
+    print(f"\n{summary_line(study, args.n_trials or spec.budget.n_trials)}")
     print(f"top trials by {spec.metric} (validation; test accuracy is reported, never used to "
           "choose):")
     _print_table(trials_table(study, spec.metric, top=args.top))
@@ -98,8 +113,8 @@ def _print_confirmation(study) -> None:
 
 
 def cmd_best(args) -> int:
-    from optimsweep.export import open_existing
-    from optimsweep.study import trials_table
+    from optimsweep.report import trials_table
+    from optimsweep.study import open_existing
 
     opened = open_existing(args.target)
     print(f"study {opened.spec.name!r}, {opened.spec.direction} {opened.spec.metric}:")
@@ -109,8 +124,8 @@ def cmd_best(args) -> int:
 
 
 def cmd_confirm(args) -> int:
-    from optimsweep.export import confirm as run_confirm
-    from optimsweep.export import open_existing
+    from optimsweep.confirm import confirm as run_confirm
+    from optimsweep.study import open_existing
 
     opened = open_existing(args.target)
     results = run_confirm(opened, top_k=args.top_k, seeds=args.seeds)
@@ -126,7 +141,8 @@ def cmd_confirm(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from optimsweep.export import export_best, open_existing
+    from optimsweep.export import export_best
+    from optimsweep.study import open_existing
 
     done = export_best(open_existing(args.target), args.out)
     print(f"exported trial {done.trial.number} ({done.reason}) to {done.folder}/:")
@@ -137,9 +153,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+class UsageError(ValueError):
+    """A mistake on the command line itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are expected failures too: one line and exit 2."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimsweep", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="optimsweep", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one configuration (flags or --config FILE)")
     p.add_argument("--config", type=Path, help="YAML file of training parameters")
@@ -179,16 +208,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    stop_on_signals()
     try:
-        return args.func(args)
-    except (ConfigError, DivergedError, SpecError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return _run(argv)
+    except KeyboardInterrupt as exc:
+        if "--debug" in argv:
+            traceback.print_exc()
         print("\ninterrupted: the unfinished trial is marked failed and does not count; "
               "run the same command again to resume", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_code", 130)
+
+
+def _run(argv: list[str]) -> int:
+    from optimsweep.data import DataUnavailable
+    from optimsweep.spec import SpecError
+    from optimsweep.storage import StoreError
+    from optimsweep.study import WorkersFailed
+    from optimsweep.train import ConfigError, DivergedError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _expected(exc, "--debug" in argv, 2)
+    quiet(args.debug)
+    try:
+        return args.func(args)
+    except (ConfigError, DivergedError, SpecError, DataUnavailable) as exc:
+        return _expected(exc, args.debug, 2)
+    except (StoreError, WorkersFailed) as exc:
+        return _expected(exc, args.debug, 3)
+
+
+def _expected(exc: Exception, debug: bool, code: int) -> int:
+    """A failure a user can cause or meet: one line, no traceback (--debug shows it)."""
+    if debug:
+        traceback.print_exc()
+    print(f"error: {redact_text(str(exc))}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

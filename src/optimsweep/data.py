@@ -25,6 +25,8 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 TASKS = ("fashion_mnist", "regression")
 DEFAULT_VAL_SIZE = {"fashion_mnist": 10_000, "regression": 100}
+# Examples the train/validation split is carved from (regression: 1000 points less 100 test).
+TRAIN_POOL = {"fashion_mnist": 60_000, "regression": 900}
 
 
 class DataUnavailable(RuntimeError):

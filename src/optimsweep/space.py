@@ -32,8 +32,7 @@ def suggest_config(trial: optuna.Trial, spec: Spec) -> TrainConfig:
     """Sample the spec's search space; a conditional parameter is only asked for (and so
     only recorded) when its condition holds."""
     values = spec.base_config()
-    # Unconditional parameters first: conditions may only refer to them.
-    for param in sorted(spec.search_space.values(), key=lambda p: bool(p.when)):
+    for param in spec.search_space.values():  # parents first: spec.py ordered them
         if applies(param, values):
             values[param.name] = _suggest(trial, param.name, param.distribution)
     return TrainConfig.from_dict(values)

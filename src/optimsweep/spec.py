@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,15 @@ import yaml
 
 from optimsweep.data import TASKS
 from optimsweep.models import MODELS_BY_TASK
+from optimsweep.samplers import (
+    PRUNERS,
+    SAMPLERS,
+    allowed_options,
+    build_pruner,
+    build_sampler,
+    grid_space,
+    option_type_problem,
+)
 from optimsweep.train import CONDITIONS, CONFIG_DEFAULTS, ConfigError, TrainConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "task", "model", "metric", "direction", "seed",
@@ -36,24 +46,7 @@ PARAM_KEYS = {"float": ("type", "low", "high", "log", "step", "when"),
 # Set by the spec itself (task, model, budget, data) or by the machine (device).
 NOT_SEARCHABLE = ("task", "model", "epochs", "device", "val_size", "split_seed", "train_subset")
 
-SAMPLERS = {
-    "tpe": optuna.samplers.TPESampler,
-    "random": optuna.samplers.RandomSampler,
-    "grid": optuna.samplers.GridSampler,
-    "cmaes": optuna.samplers.CmaEsSampler,
-    "qmc": optuna.samplers.QMCSampler,
-    "gp": optuna.samplers.GPSampler,
-}
-PRUNERS = {
-    "median": optuna.pruners.MedianPruner,
-    "percentile": optuna.pruners.PercentilePruner,
-    "hyperband": optuna.pruners.HyperbandPruner,
-    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    "none": optuna.pruners.NopPruner,
-}
-# Options the sweep sets itself, or that take Python objects rather than YAML values.
-_NOT_OPTIONS = {"self", "seed", "search_space", "independent_sampler", "gamma", "weights",
-                "constraints_func", "source_trials"}
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class SpecError(ValueError):
@@ -219,14 +212,17 @@ def _options(path: Path, key: str, raw, registry: dict, default: str) -> dict:
     if name not in registry:
         raise _fail(path, f"{key}.name", f"{name!r} is not allowed; choose one of: "
                     f"{', '.join(registry)}")
-    params = inspect.signature(registry[name].__init__).parameters
-    allowed = sorted(p for p in params if p not in _NOT_OPTIONS and
-                     params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
-                                            inspect.Parameter.VAR_KEYWORD))
-    for option in raw:
-        if option != "name" and option not in allowed:
+    allowed = allowed_options(registry[name])
+    for option, value in raw.items():
+        if option == "name":
+            continue
+        if option not in allowed:
             raise _fail(path, f"{key}.{option}", f"not an option of {name}; allowed: "
                         f"{', '.join(allowed) or 'none'}")
+        problem = option_type_problem(value, allowed[option])
+        if problem:
+            raise _fail(path, f"{key}.{option}", f"{problem} (option of {name}: "
+                        f"{allowed[option]})")
     return raw
 
 
@@ -298,9 +294,11 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
     if not raw:
         raise SpecError(f"{path}: empty sweep file; expected keys: {', '.join(TOP_LEVEL_KEYS)}")
 
-    name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name.strip():
-        raise _fail(path, "name", "expected a non-empty string")
+    name = raw.get("name", "sweep" if str(path) == "<sweep>" else path.stem)
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name.strip()):
+        raise _fail(path, "name", f"{name!r} is not allowed: use 1 to 100 letters, digits, "
+                    "'.', '_' or '-', starting with a letter or digit (it names the study, "
+                    "its MLflow experiment and its folder under exports/)")
     task = raw.get("task", "fashion_mnist")
     if task not in TASKS:
         raise _fail(path, "task", f"{task!r} is not allowed; choose one of: {', '.join(TASKS)}")
@@ -335,7 +333,8 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
     spec = Spec(name=name.strip(), path=path, text=text, task=task, model=model,
                 description=str(raw.get("description", "")), metric=metric,
                 direction=direction, budget=budget)
-    spec.seed = _number(path, "seed", raw.get("seed", 0), int)
+    spec.seed = _check_train_value(path, "seed", "seed", raw.get("seed", 0),
+                                   {"task": task, "model": model})
     for key in ("storage", "tracking_uri"):
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
@@ -367,24 +366,91 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
                     "list of choices")
     _check_conditions(path, spec.search_space, spec.fixed)
     _add_implied_conditions(path, spec.search_space, spec.fixed)
+    spec.search_space = _parents_first(spec.search_space)
     spec.baseline = _check_baseline(path, raw.get("baseline"), spec)
     _check_sampler_fits(spec)
+    _dry_run(spec)
     return spec
+
+
+def _parents_first(space: dict[str, Param]) -> dict[str, Param]:
+    """Order the space so that a parameter comes after every parameter its `when` names,
+    whatever order the file lists them in: a condition is checked against values already
+    sampled."""
+    def depth(name: str) -> int:
+        parents = [p for p in space[name].when if p in space and p != name]
+        return 1 + max(map(depth, parents)) if parents else 0
+
+    return dict(sorted(space.items(), key=lambda item: depth(item[0])))
 
 
 def _check_sampler_fits(spec: Spec) -> None:
     """Build the sampler and pruner once now, so bad options fail before any study exists."""
-    from optimsweep.study import build_pruner, build_sampler
-
     for key, build in (("sampler", build_sampler), ("pruner", build_pruner)):
         try:
             build(spec)
         except (TypeError, ValueError) as exc:
             raise _fail(spec.path, key, str(exc)) from None
+    if spec.sampler.get("name") == "grid":
+        from optimsweep.space import applies
+
+        grid = grid_space(spec)
+        for i, entry in enumerate(spec.baseline):
+            values = {**spec.base_config(), **entry}
+            missing = [n for n, p in spec.search_space.items()
+                       if n not in entry and applies(p, values)]
+            if missing:
+                raise _fail(spec.path, f"baseline[{i}]", "the grid sampler needs every "
+                            f"parameter of a baseline; missing: {', '.join(missing)}")
+            for n, v in entry.items():
+                if v not in grid[n]:
+                    raise _fail(spec.path, f"baseline[{i}].{n}", f"{v!r} is not a grid point;"
+                                f" grid: {', '.join(map(str, grid[n]))}")
+
+
+def _dry_run(spec: Spec) -> None:
+    """Ask the sampler and pruner for a few trials of this space (with the baselines first)
+    in memory, with no training: option values that only fail when used, fail now."""
+    from optimsweep.space import suggest_config
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study = optuna.create_study(direction=spec.direction, sampler=build_sampler(spec, 0),
+                                        pruner=build_pruner(spec))
+            study.stop = lambda: None  # a grid sampler stops studies: not ours to end here
+            for params in spec.baseline:
+                study.enqueue_trial(params)
+            for i in range(len(spec.baseline) + 3):
+                key = f"baseline[{i}]" if i < len(spec.baseline) else "sampler"
+                trial = study.ask()
+                try:
+                    suggest_config(trial, spec)
+                except Exception as exc:  # noqa: BLE001  (whatever it is, it is the file's)
+                    raise _fail(spec.path, key, f"can't sample: {exc}") from None
+                try:
+                    for step in (1, 2):
+                        trial.report(float(i + step), step)
+                        trial.should_prune()
+                except Exception as exc:  # noqa: BLE001
+                    raise _fail(spec.path, "pruner", f"can't prune: {exc}") from None
+                study.tell(trial, float(i))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def load_spec(path: Path | str) -> Spec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such sweep file")
-    return parse_spec(path.read_text(), path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: can't be read: {exc.strerror}") from None
+    if "\x00" in text:
+        raise SpecError(f"{path}: not a text file (UTF-8 YAML expected)")
+    return parse_spec(text, path)

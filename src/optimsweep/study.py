@@ -1,88 +1,47 @@
-"""Optuna runs the study: storage, sampler, pruner, and the objective that joins the shared
-training core to MLflow tracking. A trial is "sample a config, then run `fit`"."""
+"""The study loop: open or resume a study with its MLflow parent run, claim the budget one
+trial at a time, run trials in this process or in worker processes, and close the parent
+run with the study's summary, however the sweep ends."""
 
 from __future__ import annotations
 
-import math
+import logging
 import multiprocessing
 import os
+import signal
 import socket
+import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import pandas as pd
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from optimsweep.plots import log_study_plots
-from optimsweep.spec import PRUNERS, SAMPLERS, Spec, SpecError
-from optimsweep.train import DivergedError
+from optimsweep.report import counted_trials, log_summary
+from optimsweep.samplers import build_pruner, build_sampler, grid_space, sampler_seed
+from optimsweep.signals import Interrupted, stop_on_signals
+from optimsweep.spec import NAME_PATTERN, Spec, SpecError, load_spec, parse_spec
+from optimsweep.storage import (
+    StoreError,
+    describe,
+    is_journal,
+    open_storage,
+    resolve_storage,
+    study_lock,
+)
+from optimsweep.terminal import quiet
+from optimsweep.tracking import Tracker, resolve_tracking_uri
+from optimsweep.trial import reconcile
+from optimsweep.urls import redact
 
-DEFAULT_STORAGE = "mlruns/optuna.journal"
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-
-
-# ---------------------------------------------------------------- storage, sampler, pruner
-
-def resolve_storage(spec_storage: str | None = None) -> str:
-    return os.environ.get("OPTIMSWEEP_STORAGE") or spec_storage or DEFAULT_STORAGE
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """A URL (postgresql://, sqlite:///) is an RDB; anything else is a journal file path,
-    which several local worker processes can share safely (SQLite can't)."""
-    if "://" in url:
-        return optuna.storages.RDBStorage(url)
-    Path(url).parent.mkdir(parents=True, exist_ok=True)
-    backend = optuna.storages.journal.JournalFileBackend(str(url))
-    return optuna.storages.JournalStorage(backend)
+log = logging.getLogger("optimsweep")
+WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after SIGTERM
 
 
-def grid_space(spec: Spec) -> dict[str, list]:
-    grid = {}
-    for name, param in spec.search_space.items():
-        dist = param.distribution
-        if isinstance(dist, CategoricalDistribution):
-            grid[name] = list(dist.choices)
-        elif isinstance(dist, IntDistribution) and not dist.log:
-            grid[name] = list(range(dist.low, dist.high + 1, dist.step))
-        elif isinstance(dist, FloatDistribution) and dist.step is not None:
-            n = int(round((dist.high - dist.low) / dist.step))
-            grid[name] = [dist.low + i * dist.step for i in range(n + 1)]
-        else:
-            raise ValueError(f"grid needs every search_space entry to be categorical or a "
-                             f"range with a step; {name} is a continuous range")
-    return grid
+class WorkersFailed(RuntimeError):
+    """A worker process ended abnormally; the message says which and what became of its
+    trial."""
 
-
-def build_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    options = {k: v for k, v in spec.sampler.items() if k != "name"}
-    name = spec.sampler.get("name", "tpe")
-    if name == "grid":
-        return SAMPLERS[name](grid_space(spec), seed=seed, **options)
-    if name == "tpe":
-        # Conditional spaces: multivariate TPE with groups models each branch on its own.
-        options.setdefault("multivariate", True)
-        options.setdefault("group", options["multivariate"])
-    with warnings.catch_warnings():  # "experimental" options are the ones worth using here
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return SAMPLERS[name](seed=seed, **options)
-
-
-def build_pruner(spec: Spec) -> optuna.pruners.BasePruner:
-    options = {k: v for k, v in spec.pruner.items() if k != "name"}
-    name = spec.pruner.get("name", "median")
-    if name == "hyperband":
-        options.setdefault("max_resource", spec.budget.epochs)
-    if name == "percentile":
-        options.setdefault("percentile", 50.0)
-    return PRUNERS[name](**options)
-
-
-# ---------------------------------------------------------------- the objective
 
 @dataclass
 class StudyContext:
@@ -93,210 +52,342 @@ class StudyContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    n_trials: int
 
 
-def make_objective(ctx: StudyContext, data, tracker):
-    from optimsweep.space import suggest_config
-    from optimsweep.train import fit
-
-    spec = ctx.spec
-
-    def objective(trial: optuna.Trial) -> float:
-        config = suggest_config(trial, spec)
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        run_id = tracker.start_trial(ctx.experiment_id, ctx.parent_run_id, spec.name,
-                                     trial.number, config, trial.params,
-                                     tags={"optimsweep.device": str(data.device)})
-        trial.set_user_attr("mlflow_run_id", run_id)
-
-        def on_epoch(stats) -> bool:
-            tracker.log_epoch(run_id, stats)
-            value = getattr(stats, spec.metric)
-            if not math.isfinite(value):
-                raise DivergedError(stats.epoch, 0, value, what=spec.metric)
-            trial.report(value, stats.epoch)
-            return trial.should_prune()
-
-        try:
-            result = fit(config, data, on_epoch=on_epoch)
-        except DivergedError as exc:
-            trial.set_user_attr("error", str(exc))
-            tracker.finish_trial(run_id, "failed", error=str(exc))
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)
-            tracker.finish_trial(run_id, "failed", error="interrupted")
-            raise
-        except BaseException as exc:
-            tracker.finish_trial(run_id, "failed", error=repr(exc))
-            raise
-        tracker.log_result(run_id, result)
-        trial.set_user_attr("test_loss", result.test_loss)
-        if result.test_accuracy is not None:
-            trial.set_user_attr("test_accuracy", result.test_accuracy)
-        trial.set_user_attr("epochs_run", len(result.history))
-        value = getattr(result.final, spec.metric)
-        if result.stopped_early:
-            tracker.finish_trial(run_id, "pruned")
-            raise optuna.TrialPruned(f"pruned after epoch {result.final.epoch}")
-        tracker.finish_trial(run_id, "complete")
-        return value
-
-    return objective
+@dataclass
+class OpenStudy:
+    spec: Spec
+    study: optuna.Study
+    tracker: Tracker
+    ctx: StudyContext
 
 
-def run_worker(ctx: StudyContext, n_trials: int, timeout: float | None, worker: int,
-               n_workers: int, progress: bool) -> None:
-    """One process's share of the study: load the data once, then run trials."""
-    import torch
-
-    from optimsweep.tracking import Tracker
-    from optimsweep.train import TrainConfig, load_data
-
-    if n_workers > 1:  # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = ctx.spec
-    data = load_data(TrainConfig.from_dict(spec.base_config()))
-    storage = open_storage(ctx.storage_url)
-    done = len(storage.get_all_trials(storage.get_study_id_from_name(spec.name),
-                                      deepcopy=False))
-    # Distinct seeds per worker and per resume, so no two samplers repeat each other.
-    study = optuna.load_study(study_name=spec.name, storage=storage,
-                              sampler=build_sampler(spec, seed=spec.seed * 10_007 + done * 101
-                                                    + worker),
-                              pruner=build_pruner(spec))
-    study.optimize(make_objective(ctx, data, Tracker(ctx.tracking_uri)), n_trials=n_trials,
-                   timeout=timeout, catch=(DivergedError,), show_progress_bar=progress)
-
-
-# ---------------------------------------------------------------- the sweep
-
-def counted_trials(study: optuna.Study) -> list:
-    """Trials that use up the budget: all but waiting ones and those cut off by Ctrl-C."""
-    return [t for t in study.get_trials(deepcopy=False, states=COUNTED_STATES)
-            if not t.user_attrs.get("interrupted")]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def fail_stale_trials(study: optuna.Study, tracker) -> int:
-    """RUNNING trials left by a killed worker on this host never finish: fail them, mark them
-    interrupted (so they don't use up the budget) and close their MLflow runs."""
-    host, stale = socket.gethostname(), 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _pid_alive(int(t.user_attrs.get("pid", -1))):
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        if t.user_attrs.get("mlflow_run_id"):
-            tracker.finish_trial(t.user_attrs["mlflow_run_id"], "failed", error="interrupted")
-        stale += 1
-    return stale
-
-
-def open_study(spec: Spec, *, workers: int = 1):
-    """Create or resume the study and its MLflow parent run; returns (study, context,
-    tracker)."""
-    from optimsweep.tracking import Tracker, resolve_tracking_uri
-
-    storage_url = resolve_storage(spec.storage)
-    if workers > 1 and storage_url.startswith("sqlite"):
-        raise SpecError(f"{spec.path}: storage: SQLite can't serve {workers} parallel workers; "
-                        "use a journal file path (the default) or a PostgreSQL URL")
-    study = optuna.create_study(study_name=spec.name, storage=open_storage(storage_url),
-                                direction=spec.direction, load_if_exists=True,
-                                sampler=build_sampler(spec, seed=spec.seed),
-                                pruner=build_pruner(spec))
+def _check_fingerprint(study: optuna.Study, spec: Spec) -> None:
     known = study.user_attrs.get("fingerprint")
-    if known is None:
-        study.set_user_attr("fingerprint", spec.fingerprint())
-        study.set_user_attr("sweep_file", str(spec.path))
-        study.set_user_attr("sweep_text", spec.text)  # `export STUDY` works without the file
-    elif known != spec.fingerprint():
+    if known is not None and known != spec.fingerprint():
         raise SpecError(
             f"{spec.path}: name: study {spec.name!r} already exists with a different task, "
             "search space, metric or fixed values; its trials would not be comparable. Give "
             "this sweep a new name (or delete the old study).")
+
+
+def _lost_records(study: optuna.Study, spec: Spec, uri: str) -> StoreError:
+    return StoreError(
+        f"tracking store {redact(uri)} has no record of study {spec.name!r} (its parent run "
+        f"{study.user_attrs['mlflow_parent_run_id']} is missing): it was deleted or replaced "
+        "after the study began. Restore it, point tracking_uri at the store the study used, "
+        "or give the sweep a new name")
+
+
+def _open_tracking(study: optuna.Study | None, spec: Spec) -> Tracker:
+    """The study's tracking store, refusing one that lost the study's records (mlflow.db
+    deleted or replaced): carrying on would leave trials whose weights can't be found.
+    A missing SQLite file is refused before it would be created anew."""
+    uri = resolve_tracking_uri(spec.tracking_uri)
+    parent = study.user_attrs.get("mlflow_parent_run_id") if study is not None else None
+    if parent and uri.startswith("sqlite:///") and \
+            not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise _lost_records(study, spec, uri)
+    tracker = Tracker(uri)
+    if parent and (tracker.experiment_id(spec.name, create=False) is None
+                   or tracker.run(parent) is None):
+        raise _lost_records(study, spec, uri)
+    return tracker
+
+
+def _enqueue_baselines(study: optuna.Study, spec: Spec) -> None:
+    """Enqueue each baseline until it has a verdict: one waiting, running or counted trial
+    with its params is enough; an interrupted one is not."""
+    def given(t) -> dict:
+        return t.system_attrs.get("fixed_params", {}) if t.state == TrialState.WAITING \
+            else t.params
+
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if t.user_attrs.get("baseline") and not t.user_attrs.get("interrupted")]
     for params in spec.baseline:
-        study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
-
-    tracker = Tracker(resolve_tracking_uri(spec.tracking_uri))
-    experiment_id = tracker.experiment_id(spec.name)
-    parent = tracker.study_run(
-        experiment_id, spec.name, sweep_text=spec.text, sweep_file=str(spec.path),
-        tags={"optimsweep.sampler": spec.sampler.get("name", "tpe"),
-              "optimsweep.sampler_options": str(spec.sampler),
-              "optimsweep.pruner": spec.pruner.get("name", "median"),
-              "optimsweep.pruner_options": str(spec.pruner),
-              "optimsweep.metric": f"{spec.direction} {spec.metric}",
-              "optimsweep.storage": storage_url,
-              "optimsweep.sweep_fingerprint": spec.fingerprint()})
-    study.set_user_attr("mlflow_experiment_id", experiment_id)
-    study.set_user_attr("mlflow_parent_run_id", parent)
-    fail_stale_trials(study, tracker)
-    ctx = StudyContext(spec, storage_url, tracker.uri, experiment_id, parent)
-    return study, ctx, tracker
+        if not any(all(given(t).get(k) == v for k, v in params.items()) for t in trials):
+            study.enqueue_trial(params, user_attrs={"baseline": True})
 
 
-def _split_quota(total: int, workers: int) -> list[int]:
-    return [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
+def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> OpenStudy:
+    """Create or resume the study and its MLflow parent run, and repair what an earlier
+    command left behind. Everything is checked before anything is created."""
+    storage_url = resolve_storage(spec.storage)
+    if workers > 1 and storage_url.startswith("sqlite"):
+        raise SpecError(f"{spec.path}: storage: SQLite can't serve {workers} parallel workers; "
+                        "use a journal file path (the default) or a PostgreSQL URL")
+    storage = open_storage(storage_url)
+    with study_lock(storage_url, spec.name):
+        try:
+            study = optuna.load_study(study_name=spec.name, storage=storage)
+        except KeyError:
+            study = None
+        if study is not None:
+            _check_fingerprint(study, spec)
+        tracker = _open_tracking(study, spec)
+        if study is None:
+            study = optuna.create_study(study_name=spec.name, storage=storage,
+                                        direction=spec.direction)
+            study.set_user_attr("fingerprint", spec.fingerprint())
+            study.set_user_attr("sweep_file", str(spec.path))
+            study.set_user_attr("sweep_text", spec.text)  # `export STUDY` works without it
+        experiment_id = tracker.experiment_id(spec.name)
+        parent = tracker.study_run(
+            experiment_id, spec.name, sweep_text=spec.text, sweep_file=str(spec.path),
+            tags={"optimsweep.sampler": spec.sampler.get("name", "tpe"),
+                  "optimsweep.sampler_options": str(spec.sampler),
+                  "optimsweep.pruner": spec.pruner.get("name", "median"),
+                  "optimsweep.pruner_options": str(spec.pruner),
+                  "optimsweep.metric": f"{spec.direction} {spec.metric}",
+                  "optimsweep.storage": redact(storage_url),
+                  "optimsweep.sweep_fingerprint": spec.fingerprint()})
+        study.set_user_attr("mlflow_experiment_id", experiment_id)
+        study.set_user_attr("mlflow_parent_run_id", parent)
+        ctx = StudyContext(spec, storage_url, tracker.uri, experiment_id, parent,
+                           n_trials or spec.budget.n_trials)
+        for note in reconcile(study, tracker, ctx):
+            log.warning(note)
+        _enqueue_baselines(study, spec)
+    return OpenStudy(spec, study, tracker, ctx)
 
 
-def _watch(study: optuna.Study, processes, target: int, start_count: int) -> None:
-    """A progress bar over all worker processes, with the best value so far."""
+def open_existing(target: str | Path) -> OpenStudy:
+    """A sweep file or a study name -> its study and tracking, creating nothing. The sweep
+    file must still match the study (else its config would not match the trials)."""
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        spec = load_spec(path)
+        name, storage_url = spec.name, resolve_storage(spec.storage)
+    else:
+        spec, name, storage_url = None, str(target), resolve_storage(None)
+        if not NAME_PATTERN.fullmatch(name):
+            raise SpecError(f"{name!r}: neither a sweep file nor a study name (letters, "
+                            "digits, '.', '_' and '-')")
+    if is_journal(storage_url) and not Path(storage_url).is_file():
+        raise SpecError(f"no study store at {storage_url}; run `optimsweep sweep FILE` first")
+    storage = open_storage(storage_url)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise SpecError(f"no study named {name!r} in {redact(storage_url)}; known: "
+                        f"{', '.join(names) or 'none'}")
+    study = optuna.load_study(study_name=name, storage=storage)
+    if spec is None:  # the study keeps the sweep file it was created from
+        if "sweep_text" not in study.user_attrs:
+            raise SpecError(f"study {name!r} does not hold its sweep file; pass the file "
+                            f"instead ({study.user_attrs.get('sweep_file', 'sweeps/NAME.yaml')})")
+        spec = parse_spec(study.user_attrs["sweep_text"], study.user_attrs["sweep_file"])
+    _check_fingerprint(study, spec)
+    if "mlflow_parent_run_id" not in study.user_attrs:
+        raise SpecError(f"study {name!r} has no MLflow records yet; run `optimsweep sweep` "
+                        "on it first")
+    tracker = _open_tracking(study, spec)
+    ctx = StudyContext(spec, storage_url, tracker.uri, study.user_attrs["mlflow_experiment_id"],
+                       study.user_attrs["mlflow_parent_run_id"], spec.budget.n_trials)
+    return OpenStudy(spec, study, tracker, ctx)
+
+
+def repair(opened: OpenStudy, *, close_parent: bool = False) -> None:
+    """Bring the records back to the invariant (see trial.reconcile), under the study lock."""
+    with study_lock(opened.ctx.storage_url, opened.spec.name):
+        for note in reconcile(opened.study, opened.tracker, opened.ctx,
+                              close_parent=close_parent):
+            log.warning(note)
+
+
+# ---------------------------------------------------------------- claiming the budget
+
+def _grid_size(spec: Spec) -> int | None:
+    if spec.sampler.get("name") != "grid":
+        return None
+    size = 1
+    for values in grid_space(spec).values():
+        size *= len(values)
+    return size
+
+
+def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
+    """Under the study lock: close trials of ended processes, and if the budget has room,
+    ask Optuna for the next trial. None when the budget is used up."""
+    from optimsweep.trial import fail_stale_trials
+
+    spec = ctx.spec
+    with study_lock(ctx.storage_url, spec.name):
+        fail_stale_trials(study, tracker, ctx)
+        counted = len(counted_trials(study))
+        limit = min(ctx.n_trials, _grid_size(spec) or ctx.n_trials)
+        if counted >= limit:
+            return None
+        # A seed per trial number, so that processes sampling one after another never
+        # repeat each other, and one process alone is reproducible. QMC keeps one seed: its
+        # sequence is shared through the study.
+        n = len(study.get_trials(deepcopy=False))
+        seed = spec.seed if spec.sampler.get("name") == "qmc" else sampler_seed(spec.seed, n)
+        study.sampler = build_sampler(spec, seed=seed)
+        trial = study.ask()
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        return trial
+
+
+def _say(message: str) -> None:
     from tqdm import tqdm
 
-    with tqdm(total=target, desc=study.study_name, unit="trial") as bar:
-        while any(p.is_alive() for p in processes):
-            time.sleep(1.0)
-            bar.n = min(target, len(counted_trials(study)) - start_count)
-            if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                best = study.best_trial
-                bar.set_postfix_str(f"best: trial {best.number} = {best.value:.4f}")
-            bar.refresh()
+    tqdm.write(message, file=sys.stderr)
+
+
+def run_trials(ctx: StudyContext, *, deadline: float | None = None,
+               progress: bool = False) -> None:
+    """Claim and run trials in this process until the budget is used up or the deadline
+    (time.time()) passes. Data is loaded once."""
+    from optimsweep.train import TrainConfig, load_data
+    from optimsweep.trial import run_trial
+
+    spec = ctx.spec
+    data = load_data(TrainConfig.from_dict(spec.base_config()))
+    storage = open_storage(ctx.storage_url)
+    tracker = Tracker(ctx.tracking_uri)
+    study = optuna.load_study(study_name=spec.name, storage=storage,
+                              pruner=build_pruner(spec))
+    study.stop = lambda: None  # a grid sampler stops studies; here the budget does
+    bar = _progress(study, ctx) if progress else None
+    try:
+        while deadline is None or time.time() < deadline:
+            trial = claim_trial(study, ctx, tracker)
+            if trial is None:
+                break
+            outcome = run_trial(study, trial, ctx, data, tracker)
+            if outcome.state == "failed":
+                _say(f"trial {trial.number} failed: {outcome.error}")
+            if bar is not None:
+                _update(bar, study, ctx)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress(study: optuna.Study, ctx: StudyContext):
+    from tqdm import tqdm
+
+    start = len(counted_trials(study))
+    bar = tqdm(total=max(0, ctx.n_trials - start), desc=ctx.spec.name, unit="trial",
+               file=sys.stderr)
+    bar.start_count = start
+    return bar
+
+
+def _update(bar, study: optuna.Study, ctx: StudyContext) -> None:
+    bar.n = min(bar.total, len(counted_trials(study)) - bar.start_count)
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        best = study.best_trial
+        bar.set_postfix_str(f"best: trial {best.number} = {best.value:.4f}")
+    bar.refresh()
+
+
+def run_worker(ctx: StudyContext, deadline: float | None, n_workers: int,
+               debug: bool = False) -> None:
+    """A worker process: its share of the cores, quiet logs, and an exit code that says how
+    it ended (0 done, 128+signal interrupted, 3 a store failed)."""
+    import torch
+
+    stop_on_signals(once=True)
+    quiet(debug)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    try:
+        run_trials(ctx, deadline=deadline)
+    except Interrupted as exc:
+        sys.exit(exc.exit_code)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+
+
+def _run_workers(opened: OpenStudy, workers: int, deadline: float | None,
+                 progress: bool) -> None:
+    mp = multiprocessing.get_context("spawn")
+    debug = logging.getLogger("optimsweep").isEnabledFor(logging.DEBUG)
+    processes = [mp.Process(target=run_worker, args=(opened.ctx, deadline, workers, debug))
+                 for _ in range(workers)]
+    for p in processes:
+        p.start()
+    try:
+        bar = _progress(opened.study, opened.ctx) if progress else None
+        # is_alive() reaps a dead worker: ask every one, so none stays a zombie whose pid
+        # still looks alive to the others' stale-trial check.
+        while any([p.is_alive() for p in processes]):
+            time.sleep(0.5)
+            if bar is not None:
+                _update(bar, opened.study, opened.ctx)
+        if bar is not None:
+            bar.close()
+    finally:  # Ctrl-C or SIGTERM here: every worker closes its own trial, or is killed
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+        for p in processes:
+            p.join(WORKER_STOP_SECONDS)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    problems = []
+    for i, p in enumerate(processes):
+        if p.exitcode == 0:
+            continue
+        if p.exitcode < 0:
+            how = f"was killed by {signal.Signals(-p.exitcode).name}"
+        elif p.exitcode > 128:
+            how = f"was stopped by {signal.Signals(p.exitcode - 128).name}"
+        else:
+            how = f"failed (exit code {p.exitcode}, its error is above)"
+        problems.append(f"worker {i} (pid {p.pid}) {how}")
+    if not problems:
+        return
+    repair(opened)  # the trials of the ended workers: failed, not counted
+    left = opened.ctx.n_trials - len(counted_trials(opened.study))
+    if left <= 0 or (deadline is not None and time.time() >= deadline):
+        log.warning("; ".join(problems) + "; its trial was marked failed (interrupted) and "
+                    "the other workers finished the sweep")
+        return
+    raise WorkersFailed("; ".join(problems) + f"; {left} trials of the budget remain: run "
+                        "the same command again to finish them")
+
+
+def _close_study_run(opened: OpenStudy, status: str) -> None:
+    """Repair leftovers, close the parent run (unless trials still run in other processes:
+    then it stays RUNNING and says so), then write the counts and plots on it. The status
+    goes first: it is the smallest write, and the one a full disk must not cost."""
+    from optimsweep.plots import log_study_plots
+
+    repair(opened)
+    study, tracker, ctx = opened.study, opened.tracker, opened.ctx
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        tracker.set_tag(ctx.parent_run_id, "optimsweep.note",
+                        f"{len(running)} trials still running in other processes")
+    else:
+        tracker.set_tag(ctx.parent_run_id, "optimsweep.note", "")
+        tracker.set_status(ctx.parent_run_id, status)
+    log_summary(study, ctx.spec.metric, tracker, ctx.parent_run_id)
+    log_study_plots(study, ctx.spec.metric, tracker.client, ctx.parent_run_id)
 
 
 def run_sweep(spec: Spec, *, n_trials: int | None = None, timeout: float | None = None,
               workers: int = 1, progress: bool = True) -> optuna.Study:
     """Run (or resume) the study up to its total trial budget; returns the study."""
-    if workers < 1:
-        raise SpecError(f"{spec.path}: workers: {workers} must be >= 1")
-    total = n_trials or spec.budget.n_trials
+    for flag, value, ok in (("--n-trials", n_trials, n_trials is None or n_trials >= 1),
+                            ("--timeout", timeout, timeout is None or timeout > 0),
+                            ("--workers", workers, workers >= 1)):
+        if not ok:
+            raise SpecError(f"{flag}: {value} must be {'> 0' if flag == '--timeout' else '>= 1'}")
     timeout = timeout or spec.budget.timeout
-    study, ctx, tracker = open_study(spec, workers=workers)
-    counted = len(counted_trials(study))
-    remaining = max(0, total - counted)
+    deadline = time.time() + timeout if timeout else None
+    opened = open_study(spec, workers=workers, n_trials=n_trials)
     status = "FINISHED"
     try:
-        if remaining and workers == 1:
-            run_worker(ctx, remaining, timeout, 0, 1, progress)
-        elif remaining:
-            mp = multiprocessing.get_context("spawn")
-            quotas = [q for q in _split_quota(remaining, workers) if q]
-            processes = [mp.Process(target=run_worker,
-                                    args=(ctx, q, timeout, i, len(quotas), False))
-                         for i, q in enumerate(quotas)]
-            for p in processes:
-                p.start()
-            if progress:
-                _watch(study, processes, remaining, counted)
-            for p in processes:
-                p.join()
-            failed = [p.exitcode for p in processes if p.exitcode != 0]
-            if failed:
-                status = "FAILED"
-                raise RuntimeError(f"{len(failed)} worker process(es) failed "
-                                   f"(exit codes {failed}); see their output above")
+        if workers == 1:
+            run_trials(opened.ctx, deadline=deadline, progress=progress)
+        else:
+            _run_workers(opened, workers, deadline, progress)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -304,56 +395,10 @@ def run_sweep(spec: Spec, *, n_trials: int | None = None, timeout: float | None 
         status = "FAILED"
         raise
     finally:
-        tracker.client.set_terminated(ctx.parent_run_id, status)
-    finish_study_run(study, ctx, tracker)
-    log_study_plots(study, spec.metric, tracker.client, ctx.parent_run_id)
-    return study
-
-
-def state_counts(study: optuna.Study) -> dict[str, int]:
-    """Finished trials by outcome: {"complete": n, "pruned": n, "fail": n}."""
-    trials = study.get_trials(deepcopy=False)
-    return {s.name.lower(): sum(t.state == s for t in trials)
-            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-
-
-def finish_study_run(study: optuna.Study, ctx: StudyContext, tracker) -> None:
-    """Summarise the study on its parent run: counts by state and the best trial."""
-    from mlflow.entities import Metric, RunTag
-
-    now = int(time.time() * 1000)
-    counts = state_counts(study)
-    metrics = [Metric(f"n_{k}", v, now, 0) for k, v in counts.items()]
-    tags = []
-    if counts["complete"]:
-        best = study.best_trial
-        metrics.append(Metric(f"best_{ctx.spec.metric}", best.value, now, 0))
-        if "test_accuracy" in best.user_attrs:
-            metrics.append(Metric("best_test_accuracy", best.user_attrs["test_accuracy"], now, 0))
-        tags = [RunTag("optimsweep.best_trial", str(best.number)),
-                RunTag("optimsweep.best_run_id", best.user_attrs.get("mlflow_run_id", ""))]
-    tracker.client.log_batch(ctx.parent_run_id, metrics=metrics, tags=tags)
-
-
-def trials_table(study: optuna.Study, metric: str, top: int | None = 10) -> pd.DataFrame:
-    """Finished trials, best first: number, state, the metric, test accuracy, params, run id."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if not t.state.is_finished():
-            continue
-        value = t.value if t.state == TrialState.COMPLETE else (
-            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values
-            else float("nan"))
-        rows.append({"trial": t.number, "state": t.state.name.lower(), metric: value,
-                     "test_accuracy": t.user_attrs.get("test_accuracy", float("nan")),
-                     "epochs": t.user_attrs.get("epochs_run", 0), **t.params,
-                     "run_id": t.user_attrs.get("mlflow_run_id", "")})
-    if not rows:
-        return pd.DataFrame(columns=["trial", "state", metric, "test_accuracy", "run_id"])
-    table = pd.DataFrame(rows)
-    table = table[[c for c in table.columns if c != "run_id"] + ["run_id"]]
-    table["_complete"] = table["state"] == "complete"
-    ascending = study.direction.name == "MINIMIZE"
-    table = table.sort_values(["_complete", metric], ascending=[False, ascending],
-                              na_position="last").drop(columns="_complete")
-    return table.head(top) if top else table
+        try:
+            _close_study_run(opened, status)
+        except Exception as exc:
+            if status == "FINISHED":  # else the error that stopped the sweep says more
+                raise exc if isinstance(exc, StoreError) else StoreError(
+                    f"tracking store {redact(opened.tracker.uri)}: {describe(exc)}") from exc
+    return opened.study

@@ -1,10 +1,16 @@
 """MLflow records through the client API: one experiment and parent run per study, one
-child run per trial with its params, per-epoch curves, state_dict, config and real state."""
+child run per trial with its params, per-epoch curves, state_dict, config and real state.
+
+Every call that fails for a reason of the store's (a full disk, a database gone, a server
+down) raises StoreError naming the store, so callers can tell it from a trial's own failure.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -12,19 +18,25 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from optimsweep.artifacts import save_state_dict
+from optimsweep.atomic import create_sqlite_atomically
 from optimsweep.provenance import provenance
+from optimsweep.storage import StoreError, describe
 from optimsweep.train import EpochStats, FitResult, TrainConfig
+from optimsweep.urls import redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ROLE, STUDY, TRIAL, STATE = ("optimsweep.role", "optimsweep.study", "optimsweep.trial_number",
                              "optimsweep.state")
+HOST, PID, ERROR = "optimsweep.host", "optimsweep.pid", "optimsweep.error"
 # The trial's real outcome, as MLflow's run status (state is also a tag, in Optuna's words).
 RUN_STATUS = {"running": "RUNNING", "complete": "FINISHED", "pruned": "KILLED",
               "failed": "FAILED"}
 STATE_DICT = "state_dict.pt"
 CONFIG_FILE = "config.yaml"
+TRACEBACK_FILE = "traceback.txt"
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -48,15 +60,52 @@ def config_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.active_params(), sort_keys=False)
 
 
+def is_missing(exc: BaseException) -> bool:
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _initialize_mlflow_db(url: str) -> None:
+    MlflowClient(url).search_experiments(max_results=1)  # creates and migrates the tables
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(url, None)
+    if engine is not None:  # its file is about to be renamed: no connection may stay open
+        engine.dispose()
+
+
+def _store_call(method):
+    """Turn any failure of the store into a StoreError that names the store."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"tracking store {redact(self.uri)}: {describe(exc)}") from exc
+
+    return call
+
+
 class Tracker:
     def __init__(self, tracking_uri: str | None = None):
         self.uri = resolve_tracking_uri(tracking_uri)
         if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                create_sqlite_atomically(self.uri.removeprefix("sqlite:///"),
+                                         _initialize_mlflow_db)
+            except Exception as exc:
+                raise StoreError(f"tracking store {redact(self.uri)}: {describe(exc)}") from exc
         self.client = MlflowClient(self.uri)
 
+    @_store_call
     def experiment_id(self, name: str, create: bool = True) -> str | None:
         experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise StoreError(f"tracking store {redact(self.uri)}: experiment {name!r} was "
+                             "deleted in MLflow; restore it (`mlflow experiments restore "
+                             f"--experiment-id {experiment.experiment_id}`) or rename the study")
         if experiment is not None:
             return experiment.experiment_id
         if not create:
@@ -66,17 +115,34 @@ class Tracker:
             name, artifact_location=_artifact_location(self.uri),
             tags={"mlflow.experimentKind": "custom_model_development"})
 
-    def runs(self, experiment_id: str, role: str, extra: str = "") -> list:
-        query = f"tags.`{ROLE}` = '{role}'" + (f" and {extra}" if extra else "")
-        return list(self.client.search_runs([experiment_id], query, max_results=50_000))
+    @_store_call
+    def runs(self, experiment_id: str, role: str) -> list:
+        """Every live run of one role in the experiment. Values are matched here, not in
+        the filter string, so no study name can change what the filter means."""
+        found = self.client.search_runs([experiment_id], f"tags.`{ROLE}` = '{role}'",
+                                        max_results=50_000)
+        return [r for r in found if r.data.tags.get(ROLE) == role]
 
+    @_store_call
+    def run(self, run_id: str):
+        """The run, or None when the store no longer has it."""
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as exc:
+            if is_missing(exc):
+                return None
+            raise
+
+    @_store_call
     def study_run(self, experiment_id: str, study_name: str, *, sweep_text: str,
                   sweep_file: str, tags: dict) -> str:
-        """The study's parent run, created once and reopened when the study resumes."""
-        found = self.runs(experiment_id, "study", f"tags.`{STUDY}` = '{study_name}'")
+        """The study's parent run, created once and reopened when the study resumes. The
+        caller holds the study lock, so two processes never both create one."""
+        found = [r for r in self.runs(experiment_id, "study")
+                 if r.data.tags.get(STUDY) == study_name]
         all_tags = {ROLE: "study", STUDY: study_name, **tags, **provenance()}
         if found:
-            run_id = found[0].info.run_id
+            run_id = min(found, key=lambda r: r.info.start_time).info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(experiment_id, tags={ROLE: "study", STUDY: study_name},
@@ -85,25 +151,38 @@ class Tracker:
         self.client.log_text(run_id, sweep_text, f"sweep/{Path(sweep_file).name}")
         return run_id
 
-    def start_trial(self, experiment_id: str, parent_run_id: str, study_name: str,
-                    trial_number: int, config: TrainConfig, sampled: dict,
-                    tags: dict | None = None, role: str = "trial",
-                    run_name: str | None = None) -> str:
+    @_store_call
+    def start_run(self, experiment_id: str, parent_run_id: str, study_name: str,
+                  trial_number: int, *, role: str = "trial", run_name: str | None = None,
+                  tags: dict | None = None) -> str:
         """A child run of the study's parent run: role "trial" (one per Optuna trial) or
-        "confirm" (a re-training of a trial's config with another seed)."""
+        "confirm" (a re-training of a trial's config with another seed). Host and pid say
+        which process owns it, so a later command can close it if that process died."""
         run = self.client.create_run(
             experiment_id,
             run_name=run_name or f"trial {trial_number:03d}",
             tags={"mlflow.parentRunId": parent_run_id, ROLE: role, STUDY: study_name,
-                  TRIAL: str(trial_number), STATE: "running",
-                  "optimsweep.sampled": ",".join(sorted(sampled)),
-                  **(tags or {}), **provenance()},
+                  TRIAL: str(trial_number), STATE: "running", HOST: socket.gethostname(),
+                  PID: str(os.getpid()), **(tags or {}), **provenance()},
         )
-        params = [Param(k, str(v)) for k, v in config.active_params().items()]
-        self.client.log_batch(run.info.run_id, params=params)
-        self.client.log_text(run.info.run_id, config_yaml(config), CONFIG_FILE)
         return run.info.run_id
 
+    @_store_call
+    def log_config(self, run_id: str, config: TrainConfig, sampled: dict) -> None:
+        """Every parameter that applies, and config.yaml to rerun it with `train --config`."""
+        params = [Param(k, str(v)) for k, v in config.active_params().items()]
+        self.client.log_batch(run_id, params=params, tags=[
+            RunTag("optimsweep.sampled", ",".join(sorted(sampled)))])
+        self.client.log_text(run_id, config_yaml(config), CONFIG_FILE)
+
+    @_store_call
+    def log_missing_params(self, run_id: str, params: dict) -> None:
+        logged = self.client.get_run(run_id).data.params
+        missing = [Param(k, str(v)) for k, v in params.items() if k not in logged]
+        if missing:
+            self.client.log_batch(run_id, params=missing)
+
+    @_store_call
     def log_epoch(self, run_id: str, stats: EpochStats) -> None:
         now = int(time.time() * 1000)
         values = {"train_loss": stats.train_loss, "val_loss": stats.val_loss,
@@ -112,6 +191,7 @@ class Tracker:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, stats.epoch)
                                                for k, v in values.items() if v is not None])
 
+    @_store_call
     def log_result(self, run_id: str, result: FitResult) -> None:
         """Final test metrics and the final state_dict (written atomically, then copied)."""
         now = int(time.time() * 1000)
@@ -123,8 +203,36 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifact(run_id, save_state_dict(result.model, Path(tmp) / STATE_DICT))
 
-    def finish_trial(self, run_id: str, state: str, error: str | None = None) -> None:
-        tags = [RunTag(STATE, state)] + ([RunTag("optimsweep.error", error[:5000])]
-                                         if error else [])
+    @_store_call
+    def finish_run(self, run_id: str, state: str, error: str | None = None,
+                   traceback: str | None = None) -> None:
+        """Close a run in its trial's real state, with the reason when it failed."""
+        tags = [RunTag(STATE, state)] + ([RunTag(ERROR, error[:5000])] if error else [])
         self.client.log_batch(run_id, tags=tags)
+        if traceback:
+            try:  # the reason is already on the run; the traceback is a bonus a full disk
+                self.client.log_text(run_id, traceback, TRACEBACK_FILE)  # may refuse
+            except Exception:  # noqa: BLE001
+                pass
         self.client.set_terminated(run_id, RUN_STATUS[state])
+
+    @_store_call
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    @_store_call
+    def download(self, run_id: str, artifact: str, folder: Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, artifact, str(folder)))
+
+    @_store_call
+    def set_status(self, run_id: str, status: str) -> None:
+        if status == "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(run_id, status)
+
+    @_store_call
+    def delete_run(self, run_id: str, reason: str) -> None:
+        self.client.set_tag(run_id, ERROR, reason)
+        self.client.set_terminated(run_id, "FAILED")
+        self.client.delete_run(run_id)

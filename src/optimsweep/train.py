@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from optimsweep.data import DEFAULT_VAL_SIZE, TASKS, Dataset, load_task
+from optimsweep.data import DEFAULT_VAL_SIZE, TASKS, TRAIN_POOL, Dataset, load_task
 from optimsweep.models import MODELS_BY_TASK, build_model
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+SEED_LIMIT = 2**32  # torch takes more, but numpy (Optuna's samplers) takes seeds below this
 
 # Parameters that only mean something for one optimizer or scheduler: they are logged,
 # exported and searched only when their condition holds.
@@ -94,9 +95,15 @@ class TrainConfig:
         _require("gamma", self.gamma, 0 < self.gamma <= 1, "in (0, 1]")
         _require("factor", self.factor, 0 < self.factor < 1, "in (0, 1)")
         _require("patience", self.patience, self.patience >= 0, "an integer >= 0")
+        for name in ("seed", "split_seed"):
+            _require(name, getattr(self, name), 0 <= getattr(self, name) < SEED_LIMIT,
+                     f"an integer in [0, {SEED_LIMIT - 1}]")
         if self.val_size is None:  # written out, so exported configs say which split they used
             self.val_size = DEFAULT_VAL_SIZE[self.task]
-        _require("val_size", self.val_size, self.val_size >= 1, "an integer >= 1")
+        pool = TRAIN_POOL[self.task]  # the validation split is carved from these examples
+        _require("val_size", self.val_size, 1 <= self.val_size < pool,
+                 f"an integer in [1, {pool - 1}]: {self.task} has {pool} training examples "
+                 "and at least one must be left to train on")
         if self.train_subset is not None:
             _require("train_subset", self.train_subset, self.train_subset >= 1, "an integer >= 1")
 
@@ -160,7 +167,10 @@ def _coerce(name: str, value, type_name: str):
         if base == "float":
             if isinstance(value, bool):
                 raise TypeError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{name}: {value!r} is not a finite number")
+            return number
         if not isinstance(value, str):
             raise TypeError
         return value
@@ -168,7 +178,8 @@ def _coerce(name: str, value, type_name: str):
         raise ConfigError(f"{name}: {value!r} is not {_TYPE_WORDS[base]}") from None
 
 
-_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a name"}
+_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number",
+               "str": "a name"}
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""A single lucky seed often wins a sweep: re-train the top configs with fresh seeds, as
+child runs of the study's parent run, and rank them by the mean of the study's metric."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass
+
+from optimsweep.report import ranked_complete_trials
+from optimsweep.spec import SpecError
+from optimsweep.study import OpenStudy, repair
+
+
+@dataclass
+class Confirmation:
+    trial: int
+    params: dict
+    seeds: list[int]
+    values: list[float]  # the study's metric, one per seed (nan where that seed failed)
+    test_accuracies: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        if any(math.isnan(v) for v in self.values):  # a config that failed on a seed
+            return math.nan                           # ranks last (its mean is nan too)
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
+def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> list[Confirmation]:
+    """Re-train the top-k configs with `seeds` fresh seeds each; rank by the mean metric
+    and remember the ranking (and which trials it covered) for `export`."""
+    from optimsweep.space import config_from_params
+    from optimsweep.train import load_data
+    from optimsweep.trial import run_confirmation
+
+    spec, study, tracker = opened.spec, opened.study, opened.tracker
+    if top_k < 1 or seeds < 1:
+        raise SpecError(f"--top-k and --seeds must be >= 1 (got {top_k}, {seeds})")
+    repair(opened, close_parent=True)
+    top = ranked_complete_trials(study)[:top_k]
+    if not top:
+        raise SpecError(f"study {spec.name!r} has no complete trial to confirm")
+    fresh = [spec.seed + 1 + i for i in range(seeds)]  # never the seed the sweep used
+    data = load_data(config_from_params(spec, top[0].params))  # the split all trials share
+    results = []
+    for trial in top:
+        confirmation = Confirmation(trial.number, trial.params, fresh, [], [])
+        trained = config_from_params(spec, trial.params)
+        for seed in fresh:
+            config = dataclasses.replace(trained, seed=seed)
+            outcome = run_confirmation(tracker, opened.ctx, trial.number, config, trial.params,
+                                       data)
+            if outcome.state != "complete":
+                confirmation.values.append(math.nan)
+                log(f"trial {trial.number} seed {seed}: failed: {outcome.error}")
+                continue
+            confirmation.values.append(outcome.value)
+            if outcome.test_accuracy is not None:
+                confirmation.test_accuracies.append(outcome.test_accuracy)
+            log(f"trial {trial.number} seed {seed}: {spec.metric} {outcome.value:.4f}")
+        results.append(confirmation)
+    maximize = study.direction.name == "MAXIMIZE"
+    results.sort(key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
+    winner = results[0]
+    study.set_user_attr("confirmed", {
+        "winner": winner.trial, "seeds": fresh, "top_k": top_k,
+        "trials": [c.trial for c in results],
+        "ranking": [[c.trial, c.mean, c.std] for c in results],
+        "single_seed_best": top[0].number})
+    tracker.set_tag(opened.ctx.parent_run_id, "optimsweep.confirmed_trial", str(winner.trial))
+    return results

@@ -1,0 +1,97 @@
+"""What a study adds up to: counts by outcome, the budget used, the table of best trials,
+and the summary written onto the study's MLflow parent run."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
+def counted_trials(study: optuna.Study) -> list:
+    """Trials that use up the budget: all but waiting ones and those that never gave their
+    config a verdict (interrupted, or stopped by a store failure)."""
+    return [t for t in study.get_trials(deepcopy=False, states=COUNTED_STATES)
+            if not t.user_attrs.get("interrupted")]
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials by outcome; "fail" and "interrupted" don't overlap, so the counts add up to
+    every trial that has started."""
+    counts = dict.fromkeys(("complete", "pruned", "fail", "interrupted", "running"), 0)
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING:
+            continue
+        if t.state == TrialState.RUNNING:
+            counts["running"] += 1
+        elif t.user_attrs.get("interrupted"):
+            counts["interrupted"] += 1
+        else:
+            counts[t.state.name.lower()] += 1
+    return counts
+
+
+def summary_line(study: optuna.Study, budget: int) -> str:
+    counts = state_counts(study)
+    total = sum(counts.values())
+    parts = [f"{counts['complete']} complete", f"{counts['pruned']} pruned",
+             f"{counts['fail']} failed"]
+    if counts["interrupted"]:
+        parts.append(f"{counts['interrupted']} interrupted (not counted)")
+    if counts["running"]:
+        parts.append(f"{counts['running']} still running elsewhere")
+    used = len(counted_trials(study))
+    return (f"study {study.study_name!r}: {total} trials: {', '.join(parts)}; budget "
+            f"{used} of {budget} used")
+
+
+def log_summary(study: optuna.Study, metric: str, tracker, run_id: str) -> None:
+    """Counts by outcome and the best trial on the study's parent run."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    counts = state_counts(study)
+    metrics = [Metric(f"n_{k}", v, now, 0) for k, v in counts.items()]
+    tags = []
+    if counts["complete"]:
+        best = study.best_trial
+        metrics.append(Metric(f"best_{metric}", best.value, now, 0))
+        if "test_accuracy" in best.user_attrs:
+            metrics.append(Metric("best_test_accuracy", best.user_attrs["test_accuracy"], now, 0))
+        tags = [RunTag("optimsweep.best_trial", str(best.number)),
+                RunTag("optimsweep.best_run_id", best.user_attrs.get("mlflow_run_id", ""))]
+    tracker.client.log_batch(run_id, metrics=metrics, tags=tags)
+
+
+def trials_table(study: optuna.Study, metric: str, top: int | None = 10) -> pd.DataFrame:
+    """Finished trials, best first: number, state, the metric, test accuracy, params, run id."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        value = t.value if t.state == TrialState.COMPLETE else (
+            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values
+            else float("nan"))
+        state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()
+        rows.append({"trial": t.number, "state": state, metric: value,
+                     "test_accuracy": t.user_attrs.get("test_accuracy", float("nan")),
+                     "epochs": t.user_attrs.get("epochs_run", 0), **t.params,
+                     "run_id": t.user_attrs.get("mlflow_run_id", "")})
+    if not rows:
+        return pd.DataFrame(columns=["trial", "state", metric, "test_accuracy", "run_id"])
+    table = pd.DataFrame(rows)
+    table = table[[c for c in table.columns if c != "run_id"] + ["run_id"]]
+    table["_complete"] = table["state"] == "complete"
+    ascending = study.direction.name == "MINIMIZE"
+    table = table.sort_values(["_complete", metric], ascending=[False, ascending],
+                              na_position="last").drop(columns="_complete")
+    return table.head(top) if top else table
+
+
+def ranked_complete_trials(study: optuna.Study) -> list:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(trials, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")

@@ -1,0 +1,166 @@
+"""Optuna's storages: a journal file for one machine, an RDB (PostgreSQL) for many.
+
+Opening a store here makes it safe to share: SQLite databases are created atomically, a
+journal's torn last line (a write cut short by a crash or a full disk) is set aside before
+anything is appended to it, and `study_lock` gives one process at a time the right to create
+a study or claim a trial of the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.storages.journal._file import BaseJournalFileLock
+
+from optimsweep.atomic import create_sqlite_atomically, file_lock, write_text_atomic
+from optimsweep.urls import redact, redact_text
+
+DEFAULT_STORAGE = "mlruns/optuna.journal"
+log = logging.getLogger("optimsweep")
+
+
+class StoreError(RuntimeError):
+    """A store (Optuna's storage or MLflow's tracking store) can't be read or written.
+
+    Not the trial's fault: the trial that hit it does not use up budget, and the sweep stops
+    with this one line."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line about an exception, with no password in it."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not text or not type(exc).__module__.startswith("optimsweep"):  # ours say enough
+            text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return redact_text(text)[:500]
+
+
+def resolve_storage(spec_storage: str | None = None) -> str:
+    return os.environ.get("OPTIMSWEEP_STORAGE") or spec_storage or DEFAULT_STORAGE
+
+
+def is_journal(url: str) -> bool:
+    return "://" not in url
+
+
+class _FlockLock(BaseJournalFileLock):
+    """Optuna's journal lock, held with flock: released by the kernel if its holder dies,
+    where Optuna's symlink lock would stall every other process for its 30 s grace period."""
+
+    def __init__(self, path: str):
+        self._path, self._fd = path, None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _lock_path(path: Path | str, kind: str) -> str:
+    path = Path(path)
+    return str(path.with_name(f".{path.name}.{kind}-lock"))
+
+
+def _append_lock(path: Path) -> str:
+    return _lock_path(path, "append")
+
+
+def repair_journal(path: Path) -> None:
+    """Set a torn last line aside (it is a record whose write never completed, so no process
+    ever read it), so the next append starts on a fresh line. A bad line anywhere else is not
+    ours to guess about: refuse with the line number."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with file_lock(_append_lock(path)):  # no append is under way while we look
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            torn = data[end:]
+            aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+            write_text_atomic(aside, torn.decode("utf-8", "replace"))
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+                fh.flush()
+                os.fsync(fh.fileno())
+            log.warning(f"{path}: its last line was cut short by an earlier crash or a full "
+                        f"disk ({len(torn)} bytes); set aside in {aside.name}, the rest is "
+                        "intact")
+        for number, line in enumerate(data[:end].splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                raise StoreError(
+                    f"{path}: line {number} is not a whole journal record, so the study can't "
+                    "be read; keep a copy of the file, then remove that line or start a new "
+                    "study file") from None
+
+
+def _create_rdb(url: str) -> None:
+    optuna.storages.RDBStorage(url).engine.dispose()
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """A URL (postgresql://, sqlite:///) is an RDB; anything else is a journal file path,
+    which several local worker processes can share safely (SQLite can't)."""
+    try:
+        if not is_journal(url):
+            if url.startswith("sqlite:///"):
+                create_sqlite_atomically(url.removeprefix("sqlite:///"), _create_rdb)
+            return optuna.storages.RDBStorage(url)
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
+        backend = optuna.storages.journal.JournalFileBackend(
+            str(path), lock_obj=_FlockLock(_append_lock(path)))
+        return optuna.storages.JournalStorage(backend)
+    except StoreError:
+        raise
+    except ImportError as exc:
+        raise StoreError(f"storage {redact(url)}: its database driver is missing ({exc.name}); "
+                         "install optimsweep's `postgres` extra") from exc
+    except Exception as exc:
+        raise StoreError(f"storage {redact(url)}: {describe(exc)}") from exc
+
+
+@contextmanager
+def study_lock(url: str, study_name: str) -> Iterator[None]:
+    """One process at a time may create the study or claim a trial of its budget."""
+    if is_journal(url):
+        with file_lock(_lock_path(url, "study")):
+            yield
+    elif url.startswith("sqlite:///"):
+        with file_lock(_lock_path(url.removeprefix("sqlite:///"), "study")):
+            yield
+    else:  # a server database: an advisory lock, released if the connection dies
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()

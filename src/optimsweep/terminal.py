@@ -1,0 +1,40 @@
+"""What reaches the terminal: our own lines, not the libraries' logs.
+
+Optuna's info lines, MLflow's and SQLAlchemy's logged tracebacks (they log one when a Ctrl-C
+cuts a database session short) and deprecation notices are noise between our one-line
+messages; the reason for every failure is on its MLflow run. `--debug` shows them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+from optimsweep.urls import redact_text
+
+LIBRARIES = ("mlflow", "alembic", "sqlalchemy", "urllib3")
+
+
+class NoteHandler(logging.Handler):
+    """optimsweep's own warnings (repairs, a worker lost) as `note:` lines."""
+
+    def emit(self, record):
+        print(f"note: {redact_text(record.getMessage())}", file=sys.stderr)
+
+
+def quiet(debug: bool = False) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.WARNING)
+    logger = logging.getLogger("optimsweep")
+    if not any(isinstance(h, NoteHandler) for h in logger.handlers):
+        logger.addHandler(NoteHandler())
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)  # workers ask it for --debug
+    if debug:
+        return
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)

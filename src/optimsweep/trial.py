@@ -1,0 +1,282 @@
+"""One owner of a trial's life, and of every run it starts: suggest, start the run, fit, log,
+then close the Optuna trial and the MLflow run in the same state, however it ends.
+
+The rule that keeps Optuna and MLflow 1:1: a run is closed only after its trial is told, so
+Optuna is always the source of truth; and a trial is told only once its run exists, so no
+finished trial lacks a run. Whatever a crash leaves in between (a RUNNING trial of a dead
+process, a run still RUNNING) `reconcile` closes from Optuna's side the next time any
+command opens the study.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import TrialState
+
+from optimsweep import train
+from optimsweep.storage import StoreError, describe
+from optimsweep.tracking import HOST, PID, RUN_STATUS, STATE, TRIAL, Tracker
+from optimsweep.train import DivergedError, TrainConfig
+
+if TYPE_CHECKING:
+    from optimsweep.study import StudyContext
+
+# Trials this process is running now (by storage id): a RUNNING trial that claims this
+# process but is not here was left behind by an earlier command in the same process.
+LIVE: set[int] = set()
+INTERRUPTED = "interrupted: Ctrl-C or SIGTERM"
+STATE_OF = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
+            "failed": TrialState.FAIL}
+
+
+@dataclass
+class Outcome:
+    """How a trial (or a confirm run) ended. `counted` is False when the trial could not
+    give its config a verdict (interrupted, a store failed): it does not use up budget."""
+
+    state: str = "failed"
+    value: float | None = None
+    error: str | None = INTERRUPTED
+    traceback: str | None = None
+    counted: bool = False
+    test_accuracy: float | None = None
+
+
+def _optuna_call(fn: Callable, *args, **kwargs):
+    """Optuna's storage failing is a store failure, not the trial's."""
+    try:
+        return fn(*args, **kwargs)
+    except (StoreError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise StoreError(f"study storage: {describe(exc)}") from exc
+
+
+@contextmanager
+def owned_run(tracker: Tracker, run_id: str,
+              before_close: Callable[[Outcome], None] | None = None) -> Iterator[Outcome]:
+    """The block trains and logs into run `run_id` and sets the yielded Outcome. Whatever
+    happens, the run is closed in the outcome's state (after `before_close(outcome)`, which
+    tells Optuna). Any exception of the block fails the run and is swallowed, except
+    Ctrl-C/SIGTERM and store failures, which fail it and go on up to stop the sweep."""
+    outcome, propagating = Outcome(), False
+    try:
+        yield outcome
+    except KeyboardInterrupt:
+        outcome.__init__()  # failed, interrupted, not counted
+        propagating = True
+        raise
+    except StoreError as exc:
+        outcome.__init__(error=str(exc))
+        propagating = True
+        raise
+    except Exception as exc:  # the trial's own failure: recorded, and the study goes on
+        outcome.__init__(error=describe(exc), traceback=traceback.format_exc(), counted=True)
+    finally:
+        problems = []
+        for close in (before_close, lambda o: tracker.finish_run(run_id, o.state, o.error,
+                                                                 o.traceback)):
+            if close is None:
+                continue
+            try:
+                close(outcome)
+            except Exception as exc:  # noqa: BLE001  (reconcile repairs it next time)
+                problems.append(exc)
+        if problems and not propagating:
+            raise problems[0] if isinstance(problems[0], StoreError) else StoreError(
+                describe(problems[0])) from problems[0]
+
+
+def _fit_logged(tracker: Tracker, run_id: str, config: TrainConfig, data,
+                on_epoch: Callable | None = None):
+    def log_epoch(stats):
+        tracker.log_epoch(run_id, stats)
+        return on_epoch(stats) if on_epoch else False
+
+    result = train.fit(config, data, on_epoch=log_epoch)
+    tracker.log_result(run_id, result)
+    return result
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
+    if outcome.error:
+        _optuna_call(trial.set_user_attr, "error", outcome.error[:2000])
+    if not outcome.counted:
+        _optuna_call(trial.set_user_attr, "interrupted", True)
+    value = outcome.value if outcome.state == "complete" else None
+    _optuna_call(study.tell, trial, value, state=STATE_OF[outcome.state])
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
+              tracker: Tracker) -> Outcome:
+    """Run one claimed trial of the study from its run's creation to both records closed."""
+    from optimsweep.space import suggest_config
+
+    spec = ctx.spec
+    LIVE.add(trial._trial_id)
+    try:
+        # Until this run exists the trial stays RUNNING: if we die here, reconcile gives it
+        # a run and fails it, so no finished trial is ever without one.
+        run_id = tracker.start_run(ctx.experiment_id, ctx.parent_run_id, spec.name,
+                                   trial.number, tags={"optimsweep.device": str(data.device)})
+        _optuna_call(trial.set_user_attr, "mlflow_run_id", run_id)
+        with owned_run(tracker, run_id, lambda o: _tell(study, trial, o)) as outcome:
+            config = suggest_config(trial, spec)
+            tracker.log_config(run_id, config, trial.params)
+
+            def on_epoch(stats) -> bool:
+                value = getattr(stats, spec.metric)
+                if not math.isfinite(value):
+                    raise DivergedError(stats.epoch, 0, value, what=spec.metric)
+                _optuna_call(trial.report, value, stats.epoch)
+                # After the last epoch there is nothing left to save by pruning.
+                return stats.epoch < config.epochs and _optuna_call(trial.should_prune)
+
+            result = _fit_logged(tracker, run_id, config, data, on_epoch)
+            for key, value in (("test_loss", result.test_loss),
+                               ("test_accuracy", result.test_accuracy),
+                               ("epochs_run", len(result.history))):
+                if value is not None:
+                    _optuna_call(trial.set_user_attr, key, value)
+            outcome.__init__(state="pruned" if result.stopped_early else "complete",
+                             value=getattr(result.final, spec.metric), error=None,
+                             counted=True, test_accuracy=result.test_accuracy)
+        return outcome
+    finally:
+        LIVE.discard(trial._trial_id)
+
+
+def run_confirmation(tracker: Tracker, ctx: StudyContext, trial_number: int,
+                     config: TrainConfig, sampled: dict, data) -> Outcome:
+    """One re-training of a trial's config with another seed, as a `confirm` child run."""
+    run_id = tracker.start_run(ctx.experiment_id, ctx.parent_run_id, ctx.spec.name,
+                               trial_number, role="confirm",
+                               run_name=f"confirm trial {trial_number:03d} seed {config.seed}",
+                               tags={"optimsweep.seed": str(config.seed)})
+    with owned_run(tracker, run_id) as outcome:
+        tracker.log_config(run_id, config, sampled)
+        result = _fit_logged(tracker, run_id, config, data)
+        value = getattr(result.final, ctx.spec.metric)
+        if not math.isfinite(value):
+            raise DivergedError(result.final.epoch, 0, value, what=ctx.spec.metric)
+        outcome.__init__(state="complete", value=value, error=None, counted=True,
+                         test_accuracy=result.test_accuracy)
+    return outcome
+
+
+# ---------------------------------------------------------------- after a crash
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (ended, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def owner_gone(host: str | None, pid: str | int | None, trial_id: int | None = None) -> bool:
+    """True when the process that owns a trial or run has ended (only knowable on its own
+    host; other hosts' trials are for the RDB heartbeat)."""
+    if host != socket.gethostname() or pid is None:
+        return False
+    pid = int(pid)
+    if pid == os.getpid():
+        return trial_id is not None and trial_id not in LIVE
+    return not _pid_alive(pid)
+
+
+def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == TrialState.RUNNING and owner_gone(
+        trial.user_attrs.get("host"), trial.user_attrs.get("pid"), trial._trial_id)
+
+
+def fail_stale_trials(study: optuna.Study, tracker: Tracker, ctx: StudyContext) -> list[int]:
+    """Close the RUNNING trials whose process has ended: failed and `interrupted` (they
+    don't use up budget), each with exactly one FAILED run. Call with the study lock held."""
+    runs = None
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t):
+            continue
+        if runs is None:
+            runs = tracker.runs(ctx.experiment_id, "trial")
+        run_id = t.user_attrs.get("mlflow_run_id") or next(
+            (r.info.run_id for r in runs if r.data.tags.get(TRIAL) == str(t.number)), None)
+        if run_id is None:  # it died before its run was created: give it one
+            run_id = tracker.start_run(ctx.experiment_id, ctx.parent_run_id, ctx.spec.name,
+                                       t.number)
+        tracker.log_missing_params(run_id, t.params)  # it may have died before logging them
+        reason = (f"interrupted: its process (pid {t.user_attrs.get('pid')} on "
+                  f"{t.user_attrs.get('host')}) ended before the trial did")
+        storage = study._storage
+        _optuna_call(storage.set_trial_user_attr, t._trial_id, "mlflow_run_id", run_id)
+        _optuna_call(storage.set_trial_user_attr, t._trial_id, "interrupted", True)
+        _optuna_call(storage.set_trial_user_attr, t._trial_id, "error", reason)
+        _optuna_call(storage.set_trial_state_values, t._trial_id, TrialState.FAIL)
+        tracker.finish_run(run_id, "failed", error=reason)
+        failed.append(t.number)
+    return failed
+
+
+def reconcile(study: optuna.Study, tracker: Tracker, ctx: StudyContext, *,
+              close_parent: bool = False) -> list[str]:
+    """Make MLflow match Optuna after whatever ended the last command: stale trials failed,
+    every finished trial's run in the matching state, runs of dead processes closed, runs
+    that belong to no trial deleted. Returns one note per repair. Call with the study lock
+    held."""
+    notes = [f"trial {n}: its process had ended; marked failed (interrupted, not counted)"
+             for n in fail_stale_trials(study, tracker, ctx)]
+    trials = study.get_trials(deepcopy=False)
+    runs = tracker.runs(ctx.experiment_id, "trial")
+    by_number = {str(t.number): t for t in trials}
+    run_ids = {t.user_attrs.get("mlflow_run_id") for t in trials}
+    for run in runs:
+        tags, run_id = run.data.tags, run.info.run_id
+        trial = by_number.get(tags.get(TRIAL))
+        if run_id not in run_ids:
+            if trial is not None and trial.state == TrialState.RUNNING and not is_stale(trial):
+                continue  # a live process is between creating the run and recording it
+            tracker.delete_run(run_id, "belongs to no Optuna trial (its trial's record was "
+                               "lost in a crash)")
+            notes.append(f"run {run_id}: belonged to no trial; deleted")
+            continue
+        if trial is None or not trial.state.is_finished():
+            continue
+        state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(
+            trial.state, "failed")
+        if run.info.status != RUN_STATUS[state] or tags.get(STATE) != state:
+            tracker.finish_run(run_id, state, error=trial.user_attrs.get("error"))
+            notes.append(f"trial {trial.number}: its run was {run.info.status}; now "
+                         f"{RUN_STATUS[state]}")
+    for run in tracker.runs(ctx.experiment_id, "confirm"):
+        if run.info.status == "RUNNING" and owner_gone(run.data.tags.get(HOST),
+                                                        run.data.tags.get(PID)):
+            tracker.finish_run(run.info.run_id, "failed", error=INTERRUPTED)
+            notes.append(f"confirm run {run.info.run_id}: its process had ended; failed")
+    present = {r.info.run_id for r in runs}
+    missing = [t.number for t in trials
+               if t.state.is_finished() and t.user_attrs.get("mlflow_run_id") not in present]
+    if missing:
+        notes.append(f"trials {', '.join(map(str, missing[:10]))}: their MLflow runs are "
+                     "missing from the tracking store (deleted?)")
+    if close_parent and not any(t.state == TrialState.RUNNING for t in trials):
+        parent = tracker.run(ctx.parent_run_id)
+        if parent is not None and parent.info.status == "RUNNING":
+            tracker.set_status(ctx.parent_run_id, "KILLED")
+            notes.append("the study's run was left RUNNING by an ended sweep; now KILLED")
+    return notes

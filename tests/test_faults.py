@@ -1,0 +1,426 @@
+"""Nothing lost: real processes receiving real signals, real races, torn and full files,
+failures inside trials. Every case ends with the records invariant (tests/records.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import optimsweep.train
+from optimsweep.storage import StoreError
+from optimsweep.study import run_sweep
+from records import (
+    assert_invariant,
+    finish,
+    load_study,
+    mlflow_runs,
+    running_trial,
+    start,
+    wait_until,
+)
+from sweeps import fashion_sweep, line_sweep, load
+
+SLOW = {"n_trials": 2, "epochs": 60}  # about 2 s a trial: long enough to be hit mid-trial
+FIXED_BATCH = {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+               "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True},
+               "batch_size": 16}
+
+
+def slow_line(tmp_path: Path, **overrides) -> Path:
+    return line_sweep(tmp_path, **{"budget": SLOW, "search_space": FIXED_BATCH, **overrides})
+
+
+def journal_lines(tmp_path: Path) -> list[dict]:
+    """Every line of the journal parses: nothing torn was appended to."""
+    return [json.loads(line) for line in
+            (tmp_path / "mlruns" / "optuna.journal").read_bytes().splitlines()]
+
+
+def assert_whole_sqlite(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def counted(trials) -> list:
+    return [t for t in trials if not t.user_attrs.get("interrupted")]
+
+
+# ---------------------------------------------------------------- races between processes
+
+def test_two_sweeps_started_at_once_on_fresh_stores_share_one_study(tmp_path):
+    """Both exit 0; exactly n_trials trials, distinct params, one parent run, 1:1."""
+    path = line_sweep(tmp_path, budget={"n_trials": 6, "epochs": 20})
+    processes = [start("sweep", path, "--no-progress", cwd=tmp_path) for _ in range(2)]
+    results = [finish(p) for p in processes]
+    assert [code for code, _, _ in results] == [0, 0], results
+    _, children, trials = assert_invariant(load(path))
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no repeats
+    assert_whole_sqlite(tmp_path / "mlruns" / "mlflow.db")
+
+
+def test_two_sweeps_resuming_one_study_claim_the_budget_trial_by_trial(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 20})
+    run_sweep(load(path), progress=False)
+    processes = [start("sweep", path, "--n-trials", 8, "--no-progress", cwd=tmp_path)
+                 for _ in range(2)]
+    assert [finish(p)[0] for p in processes] == [0, 0]
+    _, _, trials = assert_invariant(load(path), n_trials=8)
+    assert len(trials) == 8
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 8
+
+
+# ---------------------------------------------------------------- signals
+
+def test_ctrl_c_while_the_stores_are_being_created_leaves_them_usable(tmp_path):
+    """The tracking database is created in a temporary file: a Ctrl-C halfway through its
+    migration leaves no half-made mlflow.db, and the next command works."""
+    path = line_sweep(tmp_path)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    wait_until(lambda: list((tmp_path / "mlruns").glob(".mlflow.db.*.partial")),
+               what="mlflow.db being created")
+    process.send_signal(signal.SIGINT)
+    code, _, err = finish(process)
+    assert code == 130 and "Traceback" not in err
+    assert not list((tmp_path / "mlruns").glob(".mlflow.db.*.partial*"))
+    db = tmp_path / "mlruns" / "mlflow.db"
+    if db.exists():  # the signal came after the rename: then the database is whole
+        assert_whole_sqlite(db)
+
+    code, _, err = finish(start("sweep", path, "--no-progress", cwd=tmp_path))
+    assert code == 0, err
+    assert len(counted(assert_invariant(load(path))[2])) == 4
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_signal_mid_trial_closes_it_uncounted_and_the_baseline_runs_again(
+        tmp_path, signum, exit_code):
+    """Trial 0 is the baseline. Interrupted mid-trial: it ends FAIL and `interrupted`, its
+    run FAILED, the study's run KILLED; running again re-runs the baseline to completion
+    and spends the whole budget."""
+    baseline = {"optimizer": "sgd", "lr": 0.01}
+    path = slow_line(tmp_path, baseline=[baseline])
+    spec = load(path)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    wait_until(lambda: running_trial(spec), what="trial 0 running")
+    process.send_signal(signum)
+    code, _, err = finish(process)
+    assert code == exit_code and "Traceback" not in err and "interrupted" in err
+    (trial,) = load_study(spec).trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"] is True
+    assert mlflow_runs(spec, "study")[1][0].info.status == "KILLED"
+    assert_invariant(spec)
+
+    assert finish(start("sweep", path, "--no-progress", cwd=tmp_path))[0] == 0
+    _, _, trials = assert_invariant(spec)
+    assert len(counted(trials)) == 2 and trials[1].params == baseline
+    assert trials[1].state.name == "COMPLETE" and trials[1].user_attrs["baseline"] is True
+
+
+def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path):
+    """SIGKILL gives no chance to clean up: the next command (here `export`, then `sweep`)
+    fails the dead process's trial and its run, closes the study's run, and the budget
+    still ends exact."""
+    path = slow_line(tmp_path)
+    spec = load(path)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    wait_until(lambda: (t := running_trial(spec)) and t.number == 1, timeout=90,
+               what="trial 1 running")
+    process.kill()
+    process.communicate()
+    assert running_trial(spec) is not None  # nobody has repaired anything yet
+
+    code, out, err = finish(start("export", path, "--out", tmp_path / "best",
+                                       cwd=tmp_path))
+    assert code == 0, err
+    assert "trial 1: its process had ended" in err
+    _, _, trials = assert_invariant(spec)
+    assert trials[1].state.name == "FAIL" and trials[1].user_attrs["interrupted"] is True
+    assert mlflow_runs(spec, "study")[1][0].info.status == "KILLED"
+
+    assert finish(start("sweep", path, "--no-progress", cwd=tmp_path))[0] == 0
+    _, _, trials = assert_invariant(spec)
+    assert len(counted(trials)) == 2 and len(trials) == 3
+
+
+def test_a_killed_worker_is_replaced_by_the_others_and_the_budget_ends_exact(tmp_path):
+    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 100})
+    spec = load(path)
+    process = start("sweep", path, "--workers", 2, "--no-progress", cwd=tmp_path)
+    victim = wait_until(lambda: running_trial(spec), timeout=90, what="a worker's trial")
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    code, out, err = finish(process, timeout=180)
+    assert code == 0, err
+    assert f"pid {victim.user_attrs['pid']}) was killed by SIGKILL" in err
+    assert "Traceback" not in err
+    _, children, trials = assert_invariant(spec)
+    dead = trials[victim.number]
+    assert dead.state.name == "FAIL" and dead.user_attrs["interrupted"] is True
+    assert len(counted(trials)) == 4 and all(t.state.name == "COMPLETE" for t in counted(trials))
+    assert "out of 4" not in out and "budget 4 of 4 used" in out
+
+
+# ---------------------------------------------------------------- torn and full files
+
+def test_a_torn_last_journal_line_is_set_aside_never_appended_to(tmp_path):
+    """A crash cut the journal's last write short: `best` says so and drops nothing
+    silently; the next sweep repairs it and carries on; every line stays whole."""
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
+    spec = load(path)
+    run_sweep(spec, progress=False)
+    journal = tmp_path / "mlruns" / "optuna.journal"
+    data = journal.read_bytes()
+    last = data.rstrip(b"\n").rfind(b"\n") + 1
+    journal.write_bytes(data[: last + (len(data) - last) // 2])  # half the last record
+
+    code, out, err = finish(start("best", path, cwd=tmp_path))
+    assert code == 0 and "cut short by an earlier crash" in err
+    assert list((tmp_path / "mlruns").glob("optuna.journal.torn-*"))
+
+    run_sweep(load(path), n_trials=3, progress=False)
+    journal_lines(tmp_path)
+    _, _, trials = assert_invariant(spec, n_trials=3)
+    assert len(counted(trials)) == 3
+
+
+def test_a_torn_line_in_the_middle_is_refused_with_its_line_number(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
+    run_sweep(load(path), progress=False)
+    journal = tmp_path / "mlruns" / "optuna.journal"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2][:10] + b"\n"
+    journal.write_bytes(b"".join(lines))
+    code, _, err = finish(start("sweep", path, cwd=tmp_path))
+    assert code == 3 and "line 3 is not a whole journal record" in err
+    assert err.count("\n") == 1 and journal.read_bytes() == b"".join(lines)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 6 MiB file system (tmpfs) when running as root; else skipped locally (CI runs
+    as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the disk-full test: it needs root to mount a tmpfs")
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_sweep_and_leaves_no_run_running(small_disk, tmp_path):
+    """On a 6 MiB disk the second state_dict (2.7 MB) does not fit: the sweep stops with one
+    line, that trial is failed and uncounted, its run FAILED, and no file is left half
+    written. Given more space, the same command finishes the study."""
+    path = fashion_sweep(small_disk, budget={"n_trials": 3, "epochs": 1},
+                         data={"train_subset": 256, "val_size": 256})
+    spec = load(path)
+    with pytest.raises(StoreError, match="No space left on device"):
+        run_sweep(spec, progress=False)
+    _, _, trials = assert_invariant(spec)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL"]
+    assert trials[1].user_attrs["interrupted"] is True
+    assert "No space left" in trials[1].user_attrs["error"]
+    assert not [p for p in small_disk.rglob("*") if ".partial" in p.name or "tmp" in p.name]
+    journal_lines(small_disk)
+    assert_whole_sqlite(small_disk / "mlruns" / "mlflow.db")
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    study = run_sweep(load(path), progress=False)
+    assert len(counted(study.trials)) == 3
+    assert_invariant(spec)
+
+
+# ---------------------------------------------------------------- failures inside trials
+
+def test_any_failure_inside_a_trial_fails_that_trial_and_the_study_goes_on(tmp_path,
+                                                                           monkeypatch):
+    """Out of memory and a bad config inside trials 1 and 2 (raised where `fit` would): each
+    fails with its reason and traceback on its run; trial 3 runs; the parent run gets its
+    counts and plots."""
+    real_fit = optimsweep.train.fit
+    failures = iter([None, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"),
+                     optimsweep.train.ConfigError("device: 'cuda' was asked for"), None])
+
+    def fit_or_fail(config, data, on_epoch=None):
+        failure = next(failures)
+        if failure is not None:
+            raise failure
+        return real_fit(config, data, on_epoch)
+
+    monkeypatch.setattr(optimsweep.train, "fit", fit_or_fail)
+    spec = load(line_sweep(tmp_path, budget={"n_trials": 4, "epochs": 2}))
+    study = run_sweep(spec, progress=False)
+    client, children, trials = assert_invariant(spec)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    assert "OutOfMemoryError" in trials[1].user_attrs["error"]
+    assert "device: 'cuda'" in trials[2].user_attrs["error"]
+    run_id = trials[1].user_attrs["mlflow_run_id"]
+    assert "OutOfMemoryError" in client.get_run(run_id).data.tags["optimsweep.error"]
+    text = Path(client.download_artifacts(run_id, "traceback.txt", str(tmp_path))).read_text()
+    assert "Traceback" in text and "fit_or_fail" in text
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_fail"] == 2
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+
+
+def test_a_tracking_store_that_cant_be_written_stops_the_sweep_with_one_line(tmp_path):
+    """Mid-trial, the artifact folder is replaced by a file (a real OSError inside MLflow's
+    store): the trial is failed without using budget, its run closed, the sweep stops with
+    one line; once the store is fixed the same command finishes."""
+    path = slow_line(tmp_path)
+    spec = load(path)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    wait_until(lambda: running_trial(spec), what="trial 0 running")
+    artifacts = tmp_path / "mlruns" / "artifacts"
+    artifacts.rename(tmp_path / "moved")
+    artifacts.write_text("not a folder")
+    code, _, err = finish(process)
+    assert code == 3 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith("error: tracking store sqlite:///")
+    _, _, trials = assert_invariant(spec)
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["interrupted"] is True
+
+    artifacts.unlink()
+    (tmp_path / "moved").rename(artifacts)
+    assert finish(start("sweep", path, "--no-progress", cwd=tmp_path))[0] == 0
+    assert len(counted(assert_invariant(spec)[2])) == 2
+
+
+def test_a_trial_that_ran_every_epoch_is_never_pruned(tmp_path):
+    """The pruner is asked only while epochs remain: a worse trial that trained to the end
+    completes (pruning it then would save nothing and hide a finished result)."""
+    spec = load(line_sweep(
+        tmp_path, budget={"n_trials": 2, "epochs": 3},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 3},
+        baseline=[{"optimizer": "adam", "lr": 0.05, "batch_size": 16},
+                  {"optimizer": "sgd", "lr": 0.001, "batch_size": 64}]))
+    run_sweep(spec, progress=False)
+    _, _, trials = assert_invariant(spec)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert trials[1].value > trials[0].value  # worse, and still not pruned
+
+
+# ---------------------------------------------------------------- lost and edited records
+
+def test_a_deleted_tracking_database_is_refused_not_silently_replaced(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
+    run_sweep(load(path), progress=False)
+    db, journal = tmp_path / "mlruns" / "mlflow.db", tmp_path / "mlruns" / "optuna.journal"
+    db.unlink()
+    before = journal.read_bytes()
+    for command in (["sweep", path, "--n-trials", 3], ["export", path]):
+        code, _, err = finish(start(*command, cwd=tmp_path))
+        assert code == 3 and "has no record of study 'line'" in err and "Traceback" not in err
+    assert not db.exists() and journal.read_bytes() == before
+    assert not (tmp_path / "exports").exists()
+
+
+def test_a_state_dict_replaced_by_a_malicious_pickle_is_never_executed(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
+    study = run_sweep(load(path), progress=False)
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    (artifact,) = (tmp_path / "mlruns" / "artifacts").rglob(f"{run_id}/**/state_dict.pt")
+    torch.save({"weights": Payload()}, artifact)
+    code, _, err = finish(start("export", path, "--out", tmp_path / "best", cwd=tmp_path))
+    assert code == 3 and "not a plain state_dict" in err
+    assert not marker.exists() and not (tmp_path / "best").exists()
+
+
+def test_an_export_that_fails_leaves_the_previous_export_whole(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
+    study = run_sweep(load(path), progress=False)
+    out = tmp_path / "exports" / "line"
+    assert finish(start("export", path, cwd=tmp_path))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    best = study.best_trial.user_attrs["mlflow_run_id"]
+    (artifact,) = (tmp_path / "mlruns" / "artifacts").rglob(f"{best}/**/state_dict.pt")
+    artifact.unlink()
+    code, _, err = finish(start("export", path, cwd=tmp_path))
+    assert code == 3 and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["line"]  # no temporary folders
+
+
+def test_export_refuses_a_sweep_file_edited_since_the_study_began(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
+    run_sweep(load(path), progress=False)
+    line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1},
+               search_space={"lr": {"type": "float", "low": 0.1, "high": 0.5}})
+    code, _, err = finish(start("export", path, cwd=tmp_path))
+    assert code == 2 and "already exists with a different" in err
+    assert not (tmp_path / "exports").exists()
+
+
+def test_export_drops_a_confirmation_that_a_better_trial_has_made_stale(tmp_path):
+    from optimsweep.confirm import confirm
+    from optimsweep.export import export_best
+    from optimsweep.study import open_existing
+
+    bad, worse, good = ({"optimizer": "sgd", "lr": lr, "batch_size": 64}
+                        for lr in (0.002, 0.001, 0.1))
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2},
+                      baseline=[bad, worse, good])
+    run_sweep(load(path), progress=False)
+    confirm(open_existing(path), top_k=2, seeds=1, log=lambda _: None)
+    run_sweep(load(path), n_trials=3, progress=False)  # the good baseline completes now
+    done = export_best(open_existing(path), tmp_path / "best")
+    assert done.trial.number == 2 and "confirmation is stale" in done.reason
+
+
+def test_confirm_fails_one_seeds_run_and_goes_on(tmp_path, monkeypatch):
+    from optimsweep.confirm import confirm
+    from optimsweep.study import open_existing
+
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
+    run_sweep(load(path), progress=False)
+    real_fit = optimsweep.train.fit
+    calls = iter(range(100))
+
+    def fit_failing_once(config, data, on_epoch=None):
+        if next(calls) == 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_fit(config, data, on_epoch)
+
+    monkeypatch.setattr(optimsweep.train, "fit", fit_failing_once)
+    results = confirm(open_existing(path), top_k=2, seeds=2, log=lambda _: None)
+    values = [v for c in results for v in c.values]
+    assert sum(v != v for v in values) == 1  # exactly one nan
+    runs = mlflow_runs(load(path), "confirm")[1]
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED",
+                                                   "FINISHED"]
+    assert_invariant(load(path))
+
+
+def test_ctrl_c_during_confirm_closes_its_run(tmp_path):
+    path = slow_line(tmp_path, budget={"n_trials": 1, "epochs": 100})
+    spec = load(path)
+    run_sweep(spec, progress=False)
+    process = start("confirm", path, "--top-k", 1, "--seeds", 2, cwd=tmp_path)
+    wait_until(lambda: mlflow_runs(spec, "confirm")[1], what="a confirm run")
+    process.send_signal(signal.SIGINT)
+    code, _, err = finish(process)
+    assert code == 130 and "Traceback" not in err
+    (run,) = mlflow_runs(spec, "confirm")[1]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["optimsweep.error"].startswith("interrupted")
+    assert_invariant(spec)
