@@ -91,3 +91,13 @@ def running_trial(spec, with_run: bool = True):
         if not with_run or "mlflow_run_id" in t.user_attrs:
             return t
     return None
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`optimsweep ARGS` in this process (where no separate process is needed)."""
+    from optimsweep.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

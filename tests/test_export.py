@@ -133,3 +133,16 @@ def test_confirm_logs_k_by_s_runs_and_changes_the_export(tmp_path):
     assert done.trial.number == 1
     assert "confirmed winner over 5 fresh seeds" in done.reason
     assert "single-seed best was trial 0" in done.reason
+
+
+def test_export_never_replaces_a_folder_of_other_files(tiny_study, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "my_model.pt").write_bytes(b"precious")
+    assert main(["export", str(tiny_study), "--out", str(mine)]) == 2
+    assert "holds other files (my_model.pt)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["my_model.pt"]
+    assert main(["export", str(tiny_study), "--out", str(tmp_path / "best")]) == 0
+    assert main(["export", str(tiny_study), "--out", str(tmp_path / "best")]) == 0  # again
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
+        "config.yaml", "metrics.json", "state_dict.pt"]

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
@@ -17,10 +18,12 @@ import optimsweep.train
 from optimsweep.storage import StoreError
 from optimsweep.study import run_sweep
 from records import (
+    DATA,
     assert_invariant,
     finish,
     load_study,
     mlflow_runs,
+    run_cli,
     running_trial,
     start,
     wait_until,
@@ -31,6 +34,13 @@ SLOW = {"n_trials": 2, "epochs": 60}  # about 2 s a trial: long enough to be hit
 FIXED_BATCH = {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
                "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True},
                "batch_size": 16}
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Each test in its own folder, as a user's project: exports/ lands there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTIMSWEEP_DATA", str(DATA))
 
 
 def slow_line(tmp_path: Path, **overrides) -> Path:
@@ -69,9 +79,9 @@ def test_two_sweeps_started_at_once_on_fresh_stores_share_one_study(tmp_path):
 def test_two_sweeps_resuming_one_study_claim_the_budget_trial_by_trial(tmp_path):
     path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 20})
     run_sweep(load(path), progress=False)
-    processes = [start("sweep", path, "--n-trials", 8, "--no-progress", cwd=tmp_path)
-                 for _ in range(2)]
-    assert [finish(p)[0] for p in processes] == [0, 0]
+    other = start("sweep", path, "--n-trials", 8, "--no-progress", cwd=tmp_path)
+    run_sweep(load(path), n_trials=8, progress=False)  # this process, at the same time
+    assert finish(other)[0] == 0
     _, _, trials = assert_invariant(load(path), n_trials=8)
     assert len(trials) == 8
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 8
@@ -94,8 +104,7 @@ def test_ctrl_c_while_the_stores_are_being_created_leaves_them_usable(tmp_path):
     if db.exists():  # the signal came after the rename: then the database is whole
         assert_whole_sqlite(db)
 
-    code, _, err = finish(start("sweep", path, "--no-progress", cwd=tmp_path))
-    assert code == 0, err
+    run_sweep(load(path), progress=False)
     assert len(counted(assert_invariant(load(path))[2])) == 4
 
 
@@ -119,7 +128,7 @@ def test_a_signal_mid_trial_closes_it_uncounted_and_the_baseline_runs_again(
     assert mlflow_runs(spec, "study")[1][0].info.status == "KILLED"
     assert_invariant(spec)
 
-    assert finish(start("sweep", path, "--no-progress", cwd=tmp_path))[0] == 0
+    run_sweep(load(path), progress=False)
     _, _, trials = assert_invariant(spec)
     assert len(counted(trials)) == 2 and trials[1].params == baseline
     assert trials[1].state.name == "COMPLETE" and trials[1].user_attrs["baseline"] is True
@@ -146,13 +155,13 @@ def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path):
     assert trials[1].state.name == "FAIL" and trials[1].user_attrs["interrupted"] is True
     assert mlflow_runs(spec, "study")[1][0].info.status == "KILLED"
 
-    assert finish(start("sweep", path, "--no-progress", cwd=tmp_path))[0] == 0
+    run_sweep(load(path), progress=False)
     _, _, trials = assert_invariant(spec)
     assert len(counted(trials)) == 2 and len(trials) == 3
 
 
 def test_a_killed_worker_is_replaced_by_the_others_and_the_budget_ends_exact(tmp_path):
-    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 100})
+    path = slow_line(tmp_path, budget={"n_trials": 3, "epochs": 60})
     spec = load(path)
     process = start("sweep", path, "--workers", 2, "--no-progress", cwd=tmp_path)
     victim = wait_until(lambda: running_trial(spec), timeout=90, what="a worker's trial")
@@ -164,13 +173,13 @@ def test_a_killed_worker_is_replaced_by_the_others_and_the_budget_ends_exact(tmp
     _, children, trials = assert_invariant(spec)
     dead = trials[victim.number]
     assert dead.state.name == "FAIL" and dead.user_attrs["interrupted"] is True
-    assert len(counted(trials)) == 4 and all(t.state.name == "COMPLETE" for t in counted(trials))
-    assert "out of 4" not in out and "budget 4 of 4 used" in out
+    assert len(counted(trials)) == 3 and all(t.state.name == "COMPLETE" for t in counted(trials))
+    assert "budget 3 of 3 used" in out
 
 
 # ---------------------------------------------------------------- torn and full files
 
-def test_a_torn_last_journal_line_is_set_aside_never_appended_to(tmp_path):
+def test_a_torn_last_journal_line_is_set_aside_never_appended_to(tmp_path, capsys):
     """A crash cut the journal's last write short: `best` says so and drops nothing
     silently; the next sweep repairs it and carries on; every line stays whole."""
     path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
@@ -181,7 +190,7 @@ def test_a_torn_last_journal_line_is_set_aside_never_appended_to(tmp_path):
     last = data.rstrip(b"\n").rfind(b"\n") + 1
     journal.write_bytes(data[: last + (len(data) - last) // 2])  # half the last record
 
-    code, out, err = finish(start("best", path, cwd=tmp_path))
+    code, out, err = run_cli(capsys, "best", path)
     assert code == 0 and "cut short by an earlier crash" in err
     assert list((tmp_path / "mlruns").glob("optuna.journal.torn-*"))
 
@@ -191,16 +200,74 @@ def test_a_torn_last_journal_line_is_set_aside_never_appended_to(tmp_path):
     assert len(counted(trials)) == 3
 
 
-def test_a_torn_line_in_the_middle_is_refused_with_its_line_number(tmp_path):
+def test_a_torn_line_in_the_middle_is_refused_with_its_line_number(tmp_path, capsys):
     path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
     run_sweep(load(path), progress=False)
     journal = tmp_path / "mlruns" / "optuna.journal"
     lines = journal.read_bytes().splitlines(keepends=True)
     lines[2] = lines[2][:10] + b"\n"
     journal.write_bytes(b"".join(lines))
-    code, _, err = finish(start("sweep", path, cwd=tmp_path))
+    code, _, err = run_cli(capsys, "sweep", path)
     assert code == 3 and "line 3 is not a whole journal record" in err
     assert err.count("\n") == 1 and journal.read_bytes() == b"".join(lines)
+
+
+def test_a_process_that_opened_the_journal_before_a_crash_never_appends_to_a_torn_line(
+        tmp_path):
+    """Another process dies mid-write while this one has the journal open: this one's next
+    write sets the torn bytes aside first, so its record is whole and readable."""
+    from optimsweep.storage import open_storage
+
+    path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
+    run_sweep(load(path), progress=False)
+    journal = tmp_path / "mlruns" / "optuna.journal"
+    study = optuna.load_study(study_name="line", storage=open_storage(str(journal)))
+    with open(journal, "ab") as fh:
+        fh.write(b'{"op_code": 8, "worker_id": "dead", "trial_id": 0, "user_a')
+    study.set_user_attr("written_after_the_crash", True)
+    journal_lines(tmp_path)
+    again = optuna.load_study(study_name="line", storage=open_storage(str(journal)))
+    assert again.user_attrs["written_after_the_crash"] is True
+
+
+def test_a_trial_asked_by_a_process_that_died_at_once_gets_a_run_and_fails(tmp_path):
+    """A process died between asking Optuna for a trial and recording who runs it: the
+    next sweep fails that trial (uncounted) with a FAILED run of its own."""
+    from optimsweep.storage import open_storage
+
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 1})
+    run_sweep(load(path), n_trials=1, progress=False)
+    storage = open_storage(str(tmp_path / "mlruns" / "optuna.journal"))
+    optuna.load_study(study_name="line", storage=storage).ask()  # and then nothing
+    run_sweep(load(path), progress=False)
+    _, _, trials = assert_invariant(load(path))
+    assert trials[1].state.name == "FAIL" and trials[1].user_attrs["interrupted"] is True
+    assert len(counted(trials)) == 2
+
+
+def test_a_grid_covers_every_point_once_even_after_an_interrupted_trial(tmp_path,
+                                                                         monkeypatch):
+    """The interrupted point is run again (Optuna's grid sampler counts it as visited)."""
+    real_fit = optimsweep.train.fit
+    calls = iter(range(100))
+
+    def fit_interrupted_once(config, data, on_epoch=None):
+        if next(calls) == 1:
+            raise KeyboardInterrupt  # what Ctrl-C raises inside fit
+        return real_fit(config, data, on_epoch)
+
+    monkeypatch.setattr(optimsweep.train, "fit", fit_interrupted_once)
+    path = line_sweep(tmp_path, budget={"n_trials": 4, "epochs": 1}, sampler={"name": "grid"},
+                      search_space={"optimizer": {"type": "categorical",
+                                                  "choices": ["sgd", "adam"]},
+                                    "batch_size": {"type": "categorical", "choices": [16, 64]},
+                                    "lr": 0.01})
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(load(path), progress=False)
+    run_sweep(load(path), progress=False)
+    _, _, trials = assert_invariant(load(path))
+    points = sorted((t.params["optimizer"], t.params["batch_size"]) for t in counted(trials))
+    assert points == [("adam", 16), ("adam", 64), ("sgd", 16), ("sgd", 64)]
 
 
 @pytest.fixture
@@ -296,40 +363,26 @@ def test_a_tracking_store_that_cant_be_written_stops_the_sweep_with_one_line(tmp
 
     artifacts.unlink()
     (tmp_path / "moved").rename(artifacts)
-    assert finish(start("sweep", path, "--no-progress", cwd=tmp_path))[0] == 0
+    run_sweep(load(path), progress=False)
     assert len(counted(assert_invariant(spec)[2])) == 2
-
-
-def test_a_trial_that_ran_every_epoch_is_never_pruned(tmp_path):
-    """The pruner is asked only while epochs remain: a worse trial that trained to the end
-    completes (pruning it then would save nothing and hide a finished result)."""
-    spec = load(line_sweep(
-        tmp_path, budget={"n_trials": 2, "epochs": 3},
-        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 3},
-        baseline=[{"optimizer": "adam", "lr": 0.05, "batch_size": 16},
-                  {"optimizer": "sgd", "lr": 0.001, "batch_size": 64}]))
-    run_sweep(spec, progress=False)
-    _, _, trials = assert_invariant(spec)
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
-    assert trials[1].value > trials[0].value  # worse, and still not pruned
 
 
 # ---------------------------------------------------------------- lost and edited records
 
-def test_a_deleted_tracking_database_is_refused_not_silently_replaced(tmp_path):
+def test_a_deleted_tracking_database_is_refused_not_silently_replaced(tmp_path, capsys):
     path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
     run_sweep(load(path), progress=False)
     db, journal = tmp_path / "mlruns" / "mlflow.db", tmp_path / "mlruns" / "optuna.journal"
     db.unlink()
     before = journal.read_bytes()
     for command in (["sweep", path, "--n-trials", 3], ["export", path]):
-        code, _, err = finish(start(*command, cwd=tmp_path))
+        code, _, err = run_cli(capsys, *command)
         assert code == 3 and "has no record of study 'line'" in err and "Traceback" not in err
     assert not db.exists() and journal.read_bytes() == before
     assert not (tmp_path / "exports").exists()
 
 
-def test_a_state_dict_replaced_by_a_malicious_pickle_is_never_executed(tmp_path):
+def test_a_state_dict_replaced_by_a_malicious_pickle_is_never_executed(tmp_path, capsys):
     path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
     study = run_sweep(load(path), progress=False)
     marker = tmp_path / "executed"
@@ -341,32 +394,32 @@ def test_a_state_dict_replaced_by_a_malicious_pickle_is_never_executed(tmp_path)
     run_id = study.trials[0].user_attrs["mlflow_run_id"]
     (artifact,) = (tmp_path / "mlruns" / "artifacts").rglob(f"{run_id}/**/state_dict.pt")
     torch.save({"weights": Payload()}, artifact)
-    code, _, err = finish(start("export", path, "--out", tmp_path / "best", cwd=tmp_path))
+    code, _, err = run_cli(capsys, "export", path, "--out", tmp_path / "best")
     assert code == 3 and "not a plain state_dict" in err
     assert not marker.exists() and not (tmp_path / "best").exists()
 
 
-def test_an_export_that_fails_leaves_the_previous_export_whole(tmp_path):
+def test_an_export_that_fails_leaves_the_previous_export_whole(tmp_path, capsys):
     path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
     study = run_sweep(load(path), progress=False)
     out = tmp_path / "exports" / "line"
-    assert finish(start("export", path, cwd=tmp_path))[0] == 0
+    assert run_cli(capsys, "export", path)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     best = study.best_trial.user_attrs["mlflow_run_id"]
     (artifact,) = (tmp_path / "mlruns" / "artifacts").rglob(f"{best}/**/state_dict.pt")
     artifact.unlink()
-    code, _, err = finish(start("export", path, cwd=tmp_path))
+    code, _, err = run_cli(capsys, "export", path)
     assert code == 3 and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["line"]  # no temporary folders
 
 
-def test_export_refuses_a_sweep_file_edited_since_the_study_began(tmp_path):
+def test_export_refuses_a_sweep_file_edited_since_the_study_began(tmp_path, capsys):
     path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
     run_sweep(load(path), progress=False)
     line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1},
                search_space={"lr": {"type": "float", "low": 0.1, "high": 0.5}})
-    code, _, err = finish(start("export", path, cwd=tmp_path))
+    code, _, err = run_cli(capsys, "export", path)
     assert code == 2 and "already exists with a different" in err
     assert not (tmp_path / "exports").exists()
 

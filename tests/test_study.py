@@ -80,18 +80,22 @@ def test_sqlite_storage_is_refused_for_parallel_workers(tmp_path):
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlruns").exists()
 
 
-def test_baseline_runs_first_and_bad_trials_are_pruned(tmp_path):
-    """The enqueued tutorial-like baseline is trial 0; a clearly worse config is pruned."""
+@pytest.mark.parametrize("warmup, states", [(0, ["COMPLETE", "PRUNED"]),
+                                             (4, ["COMPLETE", "COMPLETE"])],
+                         ids=["pruned while epochs remain", "never after the last epoch"])
+def test_baseline_runs_first_and_bad_trials_are_pruned(tmp_path, warmup, states):
+    """The enqueued baseline is trial 0; a clearly worse config is pruned, but only while
+    epochs remain: after the last one, pruning would save nothing and hide a result."""
     spec = load(line_sweep(
         tmp_path, budget={"n_trials": 2, "epochs": 4},
-        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": warmup},
         baseline=[{"optimizer": "adam", "lr": 0.05, "batch_size": 16},
                   {"optimizer": "sgd", "lr": 0.001, "batch_size": 64}]))
     run_sweep(spec, progress=False)
     _, _, trials = assert_invariant(spec)
     assert trials[0].params == {"optimizer": "adam", "lr": 0.05, "batch_size": 16}
-    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]
-    assert trials[1].user_attrs["epochs_run"] < 4
+    assert [t.state.name for t in trials] == states
+    assert trials[1].value is None or trials[1].value > trials[0].value
 
 
 def test_diverged_trial_fails_and_the_study_goes_on(tmp_path):
@@ -124,3 +128,17 @@ def test_storage_defaults_to_a_journal_under_mlruns(monkeypatch):
     assert resolve_storage(None) == "mlruns/optuna.journal"
     monkeypatch.setenv("OPTIMSWEEP_STORAGE", "postgresql://db/optuna")
     assert resolve_storage("x.journal") == "postgresql://db/optuna"
+
+
+def test_no_password_written_in_a_sweep_file_is_stored(tmp_path):
+    path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
+    path.write_text(path.read_text() + "# cluster: postgresql://optuna:s3cret@db.lan/studies\n")
+    study = run_sweep(load(path), progress=False)
+    client, _ = mlflow_runs(load(path))
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    logged = open(client.download_artifacts(parent.info.run_id, "sweep/line.yaml",
+                                            str(tmp_path))).read()
+    assert "postgresql://optuna:***@db.lan/studies" in logged
+    for text in (logged, study.user_attrs["sweep_text"], str(parent.data.tags),
+                 str(parent.data.params)):
+        assert "s3cret" not in text

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     from optimsweep.data import DataUnavailable
     from optimsweep.spec import SpecError
-    from optimsweep.storage import StoreError
+    from optimsweep.storage import STORE_FAILURES, StoreError, describe
     from optimsweep.study import WorkersFailed
     from optimsweep.train import ConfigError, DivergedError
 
@@ -238,6 +238,8 @@ def _run(argv: list[str]) -> int:
         return _expected(exc, args.debug, 2)
     except (StoreError, WorkersFailed) as exc:
         return _expected(exc, args.debug, 3)
+    except STORE_FAILURES as exc:  # a store failing where no trial was running
+        return _expected(StoreError(f"store: {describe(exc)}"), args.debug, 3)
 
 
 def _expected(exc: Exception, debug: bool, code: int) -> int:

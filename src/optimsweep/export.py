@@ -20,6 +20,7 @@ from optimsweep.study import OpenStudy, repair
 from optimsweep.tracking import CONFIG_FILE, STATE_DICT, config_yaml
 
 METRICS_FILE = "metrics.json"
+EXPORT_FILES = (CONFIG_FILE, STATE_DICT, METRICS_FILE)
 
 
 @dataclass
@@ -59,6 +60,12 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
     repair(opened, close_parent=True)
     trial, reason = chosen_trial(study)
     folder = Path(out or Path("exports") / spec.name)  # spec.name is a safe folder name
+    others = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES) \
+        if folder.is_dir() else []
+    if folder.exists() and (others or not folder.is_dir()):
+        raise SpecError(f"{folder}: holds other files ({', '.join(others[:5]) or folder.name}); "
+                        "export replaces the whole folder, so give --out an empty or new "
+                        "folder, or an earlier export")
     config = config_from_params(spec, trial.params)
     run_id = trial.user_attrs["mlflow_run_id"]
     run = tracker.run(run_id)

@@ -6,14 +6,17 @@ import platform
 import subprocess
 from functools import cache
 from importlib import metadata
+from pathlib import Path
 
 PACKAGES = ("optimsweep", "torch", "torchvision", "optuna", "mlflow", "numpy", "pandas")
 
 
 def _git(*args: str) -> str | None:
+    """Asked where optimsweep's own code is, not where the command runs: the commit is of
+    the code that trained, whatever folder the user sweeps from."""
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             check=True)
+                             check=True, cwd=Path(__file__).parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()

@@ -46,6 +46,30 @@ def describe(exc: BaseException) -> str:
     return redact_text(text)[:500]
 
 
+def _store_failures() -> tuple[type[BaseException], ...]:
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+
+    return (OSError, sqlalchemy.exc.SQLAlchemyError, MlflowException,
+            optuna.exceptions.StorageInternalError)
+
+
+# What a store raises when it fails (a full disk, a database gone): a store failure, however
+# it reaches the command line.
+STORE_FAILURES = _store_failures()
+
+
+def storage_call(fn, *args, **kwargs):
+    """Call Optuna: its storage failing is a store failure (one line, the trial uncounted),
+    not the trial's own."""
+    try:
+        return fn(*args, **kwargs)
+    except (StoreError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise StoreError(f"study storage: {describe(exc)}") from exc
+
+
 def resolve_storage(spec_storage: str | None = None) -> str:
     return os.environ.get("OPTIMSWEEP_STORAGE") or spec_storage or DEFAULT_STORAGE
 
@@ -56,23 +80,31 @@ def is_journal(url: str) -> bool:
 
 class _FlockLock(BaseJournalFileLock):
     """Optuna's journal lock, held with flock: released by the kernel if its holder dies,
-    where Optuna's symlink lock would stall every other process for its 30 s grace period."""
+    where Optuna's symlink lock would stall every other process for its 30 s grace period.
+    Whoever holds it first sets aside a torn last line, so no append ever lands on one (a
+    process that opened the journal before a crash elsewhere would otherwise do just that)."""
 
-    def __init__(self, path: str):
-        self._path, self._fd = path, None
+    def __init__(self, journal: Path):
+        self._journal, self._path, self._fd = journal, _lock_path(journal, "append"), None
 
     def acquire(self) -> bool:
         import fcntl
 
+        self.release()  # a lock a signal kept us from releasing: ours, so let it go
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _set_torn_tail_aside(self._journal)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
         return True
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 def _lock_path(path: Path | str, kind: str) -> str:
@@ -80,38 +112,52 @@ def _lock_path(path: Path | str, kind: str) -> str:
     return str(path.with_name(f".{path.name}.{kind}-lock"))
 
 
-def _append_lock(path: Path) -> str:
-    return _lock_path(path, "append")
+def _set_torn_tail_aside(path: Path) -> None:
+    """With the append lock held: a last line without its newline is a record whose write
+    never completed (so no reader used it); move it to a side file and cut it off."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            fh.seek(size - 1)
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(max(0, size - (1 << 20)))
+            tail = fh.read()
+    except FileNotFoundError:
+        return
+    end = size - len(tail) + tail.rfind(b"\n") + 1
+    torn = tail[tail.rfind(b"\n") + 1:]
+    aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    write_text_atomic(aside, torn.decode("utf-8", "replace"))
+    with open(path, "r+b") as fh:
+        fh.truncate(end)
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.warning(f"{path}: its last line was cut short by an earlier crash or a full disk "
+                f"({len(torn)} bytes); set aside in {aside.name}, the rest is intact")
 
 
 def repair_journal(path: Path) -> None:
-    """Set a torn last line aside (it is a record whose write never completed, so no process
-    ever read it), so the next append starts on a fresh line. A bad line anywhere else is not
-    ours to guess about: refuse with the line number."""
+    """Set a torn last line aside, and refuse a journal with a bad line anywhere else: that
+    is not ours to guess about, so say which line."""
     if not path.is_file() or path.stat().st_size == 0:
         return
-    with file_lock(_append_lock(path)):  # no append is under way while we look
+    lock = _FlockLock(path)
+    lock.acquire()  # sets a torn tail aside
+    try:
         data = path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            torn = data[end:]
-            aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
-            write_text_atomic(aside, torn.decode("utf-8", "replace"))
-            with open(path, "r+b") as fh:
-                fh.truncate(end)
-                fh.flush()
-                os.fsync(fh.fileno())
-            log.warning(f"{path}: its last line was cut short by an earlier crash or a full "
-                        f"disk ({len(torn)} bytes); set aside in {aside.name}, the rest is "
-                        "intact")
-        for number, line in enumerate(data[:end].splitlines(), 1):
-            try:
-                json.loads(line)
-            except ValueError:
-                raise StoreError(
-                    f"{path}: line {number} is not a whole journal record, so the study can't "
-                    "be read; keep a copy of the file, then remove that line or start a new "
-                    "study file") from None
+    finally:
+        lock.release()
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise StoreError(
+                f"{path}: line {number} is not a whole journal record, so the study can't "
+                "be read; keep a copy of the file, then remove that line or start a new "
+                "study file") from None
 
 
 def _create_rdb(url: str) -> None:
@@ -129,8 +175,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         repair_journal(path)
-        backend = optuna.storages.journal.JournalFileBackend(
-            str(path), lock_obj=_FlockLock(_append_lock(path)))
+        backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=_FlockLock(path))
         return optuna.storages.JournalStorage(backend)
     except StoreError:
         raise

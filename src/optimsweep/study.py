@@ -27,12 +27,13 @@ from optimsweep.storage import (
     is_journal,
     open_storage,
     resolve_storage,
+    storage_call,
     study_lock,
 )
 from optimsweep.terminal import quiet
-from optimsweep.tracking import Tracker, resolve_tracking_uri
+from optimsweep.tracking import HOST, PID, Tracker, resolve_tracking_uri
 from optimsweep.trial import reconcile
-from optimsweep.urls import redact
+from optimsweep.urls import redact, redact_text
 
 log = logging.getLogger("optimsweep")
 WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after SIGTERM
@@ -96,18 +97,31 @@ def _open_tracking(study: optuna.Study | None, spec: Spec) -> Tracker:
     return tracker
 
 
-def _enqueue_baselines(study: optuna.Study, spec: Spec) -> None:
-    """Enqueue each baseline until it has a verdict: one waiting, running or counted trial
-    with its params is enough; an interrupted one is not."""
-    def given(t) -> dict:
-        return t.system_attrs.get("fixed_params", {}) if t.state == TrialState.WAITING \
-            else t.params
+MAX_RETRIES = 2  # how often an interrupted trial's config is run again
 
-    trials = [t for t in study.get_trials(deepcopy=False)
-              if t.user_attrs.get("baseline") and not t.user_attrs.get("interrupted")]
+
+def _next_enqueued(study: optuna.Study, spec: Spec) -> tuple[dict, dict] | None:
+    """What to run before sampling anything new, with the user attrs to give it: first the
+    config of an interrupted trial (a bounded number of times: it never got a verdict, and a
+    grid or a baseline would otherwise lose that point), then each baseline not yet run."""
+    def given(t) -> dict:  # an enqueued trial has its params before it suggests them
+        return {**t.system_attrs.get("fixed_params", {}), **t.params}
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        retries = t.user_attrs.get("retries", 0)
+        if (t.user_attrs.get("interrupted") and given(t) and t.number not in retried
+                and retries < MAX_RETRIES):
+            attrs = {"retry_of": t.number, "retries": retries + 1}
+            if t.user_attrs.get("baseline"):
+                attrs["baseline"] = True
+            return given(t), attrs
     for params in spec.baseline:
-        if not any(all(given(t).get(k) == v for k, v in params.items()) for t in trials):
-            study.enqueue_trial(params, user_attrs={"baseline": True})
+        if not any(t.user_attrs.get("baseline") and
+                   all(given(t).get(k) == v for k, v in params.items()) for t in trials):
+            return params, {"baseline": True}
+    return None
 
 
 def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> OpenStudy:
@@ -131,16 +145,19 @@ def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> 
                                         direction=spec.direction)
             study.set_user_attr("fingerprint", spec.fingerprint())
             study.set_user_attr("sweep_file", str(spec.path))
-            study.set_user_attr("sweep_text", spec.text)  # `export STUDY` works without it
+            # `export STUDY` works without the file; a password in a URL is not kept
+            study.set_user_attr("sweep_text", redact_text(spec.text))
         experiment_id = tracker.experiment_id(spec.name)
         parent = tracker.study_run(
-            experiment_id, spec.name, sweep_text=spec.text, sweep_file=str(spec.path),
+            experiment_id, spec.name, sweep_text=redact_text(spec.text),
+            sweep_file=str(spec.path),
             tags={"optimsweep.sampler": spec.sampler.get("name", "tpe"),
                   "optimsweep.sampler_options": str(spec.sampler),
                   "optimsweep.pruner": spec.pruner.get("name", "median"),
                   "optimsweep.pruner_options": str(spec.pruner),
                   "optimsweep.metric": f"{spec.direction} {spec.metric}",
                   "optimsweep.storage": redact(storage_url),
+                  HOST: socket.gethostname(), PID: os.getpid(),  # the last sweep to open it
                   "optimsweep.sweep_fingerprint": spec.fingerprint()})
         study.set_user_attr("mlflow_experiment_id", experiment_id)
         study.set_user_attr("mlflow_parent_run_id", parent)
@@ -148,7 +165,6 @@ def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> 
                            n_trials or spec.budget.n_trials)
         for note in reconcile(study, tracker, ctx):
             log.warning(note)
-        _enqueue_baselines(study, spec)
     return OpenStudy(spec, study, tracker, ctx)
 
 
@@ -208,7 +224,8 @@ def _grid_size(spec: Spec) -> int | None:
 
 def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
     """Under the study lock: close trials of ended processes, and if the budget has room,
-    ask Optuna for the next trial. None when the budget is used up."""
+    ask Optuna for the next trial (a retry or a baseline first). None when the budget is
+    used up. Nothing waits in the queue outside this lock, so no trial is left WAITING."""
     from optimsweep.trial import fail_stale_trials
 
     spec = ctx.spec
@@ -218,15 +235,20 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
         limit = min(ctx.n_trials, _grid_size(spec) or ctx.n_trials)
         if counted >= limit:
             return None
+        trials = study.get_trials(deepcopy=False)
+        if not any(t.state == TrialState.WAITING for t in trials):
+            pending = _next_enqueued(study, spec)
+            if pending is not None:
+                storage_call(study.enqueue_trial, pending[0], user_attrs=pending[1])
         # A seed per trial number, so that processes sampling one after another never
-        # repeat each other, and one process alone is reproducible. QMC keeps one seed: its
-        # sequence is shared through the study.
-        n = len(study.get_trials(deepcopy=False))
-        seed = spec.seed if spec.sampler.get("name") == "qmc" else sampler_seed(spec.seed, n)
+        # repeat each other, and one process alone is reproducible. Grid and QMC keep one
+        # seed: it fixes their order, which is shared through the study.
+        fixed_order = spec.sampler.get("name") in ("grid", "qmc")
+        seed = spec.seed if fixed_order else sampler_seed(spec.seed, len(trials))
         study.sampler = build_sampler(spec, seed=seed)
-        trial = study.ask()
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
+        trial = storage_call(study.ask)
+        storage_call(trial.set_user_attr, "host", socket.gethostname())
+        storage_call(trial.set_user_attr, "pid", os.getpid())
         return trial
 
 
@@ -297,8 +319,11 @@ def run_worker(ctx: StudyContext, deadline: float | None, n_workers: int,
         run_trials(ctx, deadline=deadline)
     except Interrupted as exc:
         sys.exit(exc.exit_code)
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001  (the parent names this worker; --debug shows why)
+        if debug:
+            raise
+        print(f"error: {describe(exc) if not isinstance(exc, StoreError) else exc}",
+              file=sys.stderr)
         sys.exit(3)
 
 

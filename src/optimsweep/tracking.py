@@ -25,7 +25,7 @@ from optimsweep.atomic import create_sqlite_atomically
 from optimsweep.provenance import provenance
 from optimsweep.storage import StoreError, describe
 from optimsweep.train import EpochStats, FitResult, TrainConfig
-from optimsweep.urls import redact
+from optimsweep.urls import redact, redact_text
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ROLE, STUDY, TRIAL, STATE = ("optimsweep.role", "optimsweep.study", "optimsweep.trial_number",
@@ -207,11 +207,12 @@ class Tracker:
     def finish_run(self, run_id: str, state: str, error: str | None = None,
                    traceback: str | None = None) -> None:
         """Close a run in its trial's real state, with the reason when it failed."""
-        tags = [RunTag(STATE, state)] + ([RunTag(ERROR, error[:5000])] if error else [])
+        tags = [RunTag(STATE, state)] + ([RunTag(ERROR, redact_text(error)[:5000])]
+                                         if error else [])
         self.client.log_batch(run_id, tags=tags)
         if traceback:
             try:  # the reason is already on the run; the traceback is a bonus a full disk
-                self.client.log_text(run_id, traceback, TRACEBACK_FILE)  # may refuse
+                self.client.log_text(run_id, redact_text(traceback), TRACEBACK_FILE)  # may refuse
             except Exception:  # noqa: BLE001
                 pass
         self.client.set_terminated(run_id, RUN_STATUS[state])

@@ -169,13 +169,15 @@ def _coerce(name: str, value, type_name: str):
                 raise TypeError
             number = float(value)
             if not math.isfinite(number):
-                raise ConfigError(f"{name}: {value!r} is not a finite number")
+                raise ArithmeticError
             return number
         if not isinstance(value, str):
             raise TypeError
         return value
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: {value!r} is not {_TYPE_WORDS[base]}") from None
+    except ArithmeticError:
+        raise ConfigError(f"{name}: {value!r} is not a finite number") from None
 
 
 _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number",

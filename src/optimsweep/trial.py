@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optimsweep import train
-from optimsweep.storage import StoreError, describe
+from optimsweep.storage import StoreError, describe, storage_call
 from optimsweep.tracking import HOST, PID, RUN_STATUS, STATE, TRIAL, Tracker
 from optimsweep.train import DivergedError, TrainConfig
 
@@ -50,16 +50,6 @@ class Outcome:
     traceback: str | None = None
     counted: bool = False
     test_accuracy: float | None = None
-
-
-def _optuna_call(fn: Callable, *args, **kwargs):
-    """Optuna's storage failing is a store failure, not the trial's."""
-    try:
-        return fn(*args, **kwargs)
-    except (StoreError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        raise StoreError(f"study storage: {describe(exc)}") from exc
 
 
 @contextmanager
@@ -108,13 +98,19 @@ def _fit_logged(tracker: Tracker, run_id: str, config: TrainConfig, data,
     return result
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, tracker: Tracker,
+          run_id: str) -> None:
+    if outcome.state == "failed":  # it may have failed before its params were logged
+        try:
+            tracker.log_missing_params(run_id, trial.params)
+        except StoreError:
+            pass  # the state below matters more; the error says what happened
     if outcome.error:
-        _optuna_call(trial.set_user_attr, "error", outcome.error[:2000])
+        storage_call(trial.set_user_attr, "error", outcome.error[:2000])
     if not outcome.counted:
-        _optuna_call(trial.set_user_attr, "interrupted", True)
+        storage_call(trial.set_user_attr, "interrupted", True)
     value = outcome.value if outcome.state == "complete" else None
-    _optuna_call(study.tell, trial, value, state=STATE_OF[outcome.state])
+    storage_call(study.tell, trial, value, state=STATE_OF[outcome.state])
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
@@ -129,8 +125,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
         # a run and fails it, so no finished trial is ever without one.
         run_id = tracker.start_run(ctx.experiment_id, ctx.parent_run_id, spec.name,
                                    trial.number, tags={"optimsweep.device": str(data.device)})
-        _optuna_call(trial.set_user_attr, "mlflow_run_id", run_id)
-        with owned_run(tracker, run_id, lambda o: _tell(study, trial, o)) as outcome:
+        storage_call(trial.set_user_attr, "mlflow_run_id", run_id)
+        with owned_run(tracker, run_id,
+                       lambda o: _tell(study, trial, o, tracker, run_id)) as outcome:
             config = suggest_config(trial, spec)
             tracker.log_config(run_id, config, trial.params)
 
@@ -138,16 +135,16 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
                 value = getattr(stats, spec.metric)
                 if not math.isfinite(value):
                     raise DivergedError(stats.epoch, 0, value, what=spec.metric)
-                _optuna_call(trial.report, value, stats.epoch)
+                storage_call(trial.report, value, stats.epoch)
                 # After the last epoch there is nothing left to save by pruning.
-                return stats.epoch < config.epochs and _optuna_call(trial.should_prune)
+                return stats.epoch < config.epochs and storage_call(trial.should_prune)
 
             result = _fit_logged(tracker, run_id, config, data, on_epoch)
             for key, value in (("test_loss", result.test_loss),
                                ("test_accuracy", result.test_accuracy),
                                ("epochs_run", len(result.history))):
                 if value is not None:
-                    _optuna_call(trial.set_user_attr, key, value)
+                    storage_call(trial.set_user_attr, key, value)
             outcome.__init__(state="pruned" if result.stopped_early else "complete",
                              value=getattr(result.final, spec.metric), error=None,
                              counted=True, test_accuracy=result.test_accuracy)
@@ -201,8 +198,13 @@ def owner_gone(host: str | None, pid: str | int | None, trial_id: int | None = N
 
 
 def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
-    return trial.state == TrialState.RUNNING and owner_gone(
-        trial.user_attrs.get("host"), trial.user_attrs.get("pid"), trial._trial_id)
+    """A RUNNING trial whose process has ended. Called with the study lock held: a trial
+    gets its host and pid inside the same lock that asked for it, so one without them was
+    left by a process that died in between."""
+    if trial.state != TrialState.RUNNING:
+        return False
+    host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
+    return host is None or pid is None or owner_gone(host, pid, trial._trial_id)
 
 
 def fail_stale_trials(study: optuna.Study, tracker: Tracker, ctx: StudyContext) -> list[int]:
@@ -224,10 +226,10 @@ def fail_stale_trials(study: optuna.Study, tracker: Tracker, ctx: StudyContext) 
         reason = (f"interrupted: its process (pid {t.user_attrs.get('pid')} on "
                   f"{t.user_attrs.get('host')}) ended before the trial did")
         storage = study._storage
-        _optuna_call(storage.set_trial_user_attr, t._trial_id, "mlflow_run_id", run_id)
-        _optuna_call(storage.set_trial_user_attr, t._trial_id, "interrupted", True)
-        _optuna_call(storage.set_trial_user_attr, t._trial_id, "error", reason)
-        _optuna_call(storage.set_trial_state_values, t._trial_id, TrialState.FAIL)
+        storage_call(storage.set_trial_user_attr, t._trial_id, "mlflow_run_id", run_id)
+        storage_call(storage.set_trial_user_attr, t._trial_id, "interrupted", True)
+        storage_call(storage.set_trial_user_attr, t._trial_id, "error", reason)
+        storage_call(storage.set_trial_state_values, t._trial_id, TrialState.FAIL)
         tracker.finish_run(run_id, "failed", error=reason)
         failed.append(t.number)
     return failed
@@ -276,7 +278,8 @@ def reconcile(study: optuna.Study, tracker: Tracker, ctx: StudyContext, *,
                      "missing from the tracking store (deleted?)")
     if close_parent and not any(t.state == TrialState.RUNNING for t in trials):
         parent = tracker.run(ctx.parent_run_id)
-        if parent is not None and parent.info.status == "RUNNING":
+        if parent is not None and parent.info.status == "RUNNING" and owner_gone(
+                parent.data.tags.get(HOST), parent.data.tags.get(PID)):
             tracker.set_status(ctx.parent_run_id, "KILLED")
             notes.append("the study's run was left RUNNING by an ended sweep; now KILLED")
     return notes
