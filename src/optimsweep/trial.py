@@ -51,6 +51,11 @@ class Outcome:
     counted: bool = False
     test_accuracy: float | None = None
 
+    def end(self, **how) -> None:
+        """Record how it ended; what `how` leaves out takes the defaults above (failed,
+        interrupted, not counted)."""
+        vars(self).update(vars(Outcome(**how)))
+
 
 @contextmanager
 def owned_run(tracker: Tracker, run_id: str,
@@ -63,15 +68,15 @@ def owned_run(tracker: Tracker, run_id: str,
     try:
         yield outcome
     except KeyboardInterrupt:
-        outcome.__init__()  # failed, interrupted, not counted
+        outcome.end()  # failed, interrupted, not counted
         propagating = True
         raise
     except StoreError as exc:
-        outcome.__init__(error=str(exc))
+        outcome.end(error=str(exc))
         propagating = True
         raise
     except Exception as exc:  # the trial's own failure: recorded, and the study goes on
-        outcome.__init__(error=describe(exc), traceback=traceback.format_exc(), counted=True)
+        outcome.end(error=describe(exc), traceback=traceback.format_exc(), counted=True)
     finally:
         problems = []
         for close in (before_close, lambda o: tracker.finish_run(run_id, o.state, o.error,
@@ -145,7 +150,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
                                ("epochs_run", len(result.history))):
                 if value is not None:
                     storage_call(trial.set_user_attr, key, value)
-            outcome.__init__(state="pruned" if result.stopped_early else "complete",
+            outcome.end(state="pruned" if result.stopped_early else "complete",
                              value=getattr(result.final, spec.metric), error=None,
                              counted=True, test_accuracy=result.test_accuracy)
         return outcome
@@ -166,7 +171,7 @@ def run_confirmation(tracker: Tracker, ctx: StudyContext, trial_number: int,
         value = getattr(result.final, ctx.spec.metric)
         if not math.isfinite(value):
             raise DivergedError(result.final.epoch, 0, value, what=ctx.spec.metric)
-        outcome.__init__(state="complete", value=value, error=None, counted=True,
+        outcome.end(state="complete", value=value, error=None, counted=True,
                          test_accuracy=result.test_accuracy)
     return outcome
 
