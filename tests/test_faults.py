@@ -477,3 +477,21 @@ def test_ctrl_c_during_confirm_closes_its_run(tmp_path):
     assert run.info.status == "FAILED"
     assert run.data.tags["optimsweep.error"].startswith("interrupted")
     assert_invariant(spec)
+
+
+def test_sigterm_to_a_sweep_with_workers_closes_every_workers_trial(tmp_path):
+    """SIGTERM reaches only the parent: it passes it on, each worker closes its own trial,
+    and nothing is left RUNNING."""
+    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 60})
+    spec = load(path)
+    process = start("sweep", path, "--workers", 2, "--no-progress", cwd=tmp_path)
+    wait_until(lambda: len([t for t in load_study(spec).trials
+                            if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs])
+               == 2, timeout=90, what="both workers in a trial")
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process)
+    assert code == 143 and "Traceback" not in err
+    _, _, trials = assert_invariant(spec)
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 2 and len({t.user_attrs["pid"] for t in interrupted}) == 2
+    assert mlflow_runs(spec, "study")[1][0].info.status == "KILLED"

@@ -1,8 +1,17 @@
-"""SIGTERM means what Ctrl-C means: stop, close the trial that is running, keep the records."""
+"""SIGTERM means what Ctrl-C means: stop, close the trial that is running, keep the records.
+
+The handler raises Interrupted wherever the program is, so a long epoch stops at once. Python
+drops an exception raised inside a weakref callback or __del__ ("Exception ignored in …"),
+so the signal is also remembered, and `check()` at the loop's safe points (each epoch, each
+claim, the parent's wait for its workers) raises it again if it was lost.
+"""
 
 from __future__ import annotations
 
 import signal
+import sys
+
+_received: int | None = None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -21,8 +30,12 @@ def stop_on_signals(*, once: bool = False) -> None:
     """Raise Interrupted in the main thread on SIGINT or SIGTERM. With `once`, a second
     signal is ignored, so the first one's clean-up (closing the runs) is not cut short: for
     worker processes, which their parent kills outright if they take too long."""
+    global _received
+    _received = None
 
     def handler(signum, frame):
+        global _received
+        _received = signum
         if once:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -30,3 +43,16 @@ def stop_on_signals(*, once: bool = False) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    default_hook = sys.unraisablehook
+
+    def unraisable(info):
+        if not isinstance(info.exc_value, Interrupted):  # that one, check() raises again
+            default_hook(info)
+
+    sys.unraisablehook = unraisable
+
+
+def check() -> None:
+    """At a safe point: raise the signal whose Interrupted was dropped, if one was."""
+    if _received is not None:
+        raise Interrupted(_received)

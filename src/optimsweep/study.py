@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from optimsweep.report import counted_trials, log_summary
 from optimsweep.samplers import build_pruner, build_sampler, grid_space, sampler_seed
 from optimsweep.signals import Interrupted, stop_on_signals
+from optimsweep.signals import check as check_signals
 from optimsweep.spec import NAME_PATTERN, Spec, SpecError, load_spec, parse_spec
 from optimsweep.storage import (
     StoreError,
@@ -229,6 +230,7 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
     from optimsweep.trial import fail_stale_trials
 
     spec = ctx.spec
+    check_signals()
     with study_lock(ctx.storage_url, spec.name):
         fail_stale_trials(study, tracker, ctx)
         counted = len(counted_trials(study))
@@ -341,6 +343,7 @@ def _run_workers(opened: OpenStudy, workers: int, deadline: float | None,
         # still looks alive to the others' stale-trial check.
         while any([p.is_alive() for p in processes]):
             time.sleep(0.5)
+            check_signals()
             if bar is not None:
                 _update(bar, opened.study, opened.ctx)
         if bar is not None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
-from optimsweep import train
+from optimsweep import signals, train
 from optimsweep.storage import StoreError, describe, storage_call
 from optimsweep.tracking import HOST, PID, RUN_STATUS, STATE, TRIAL, Tracker
 from optimsweep.train import DivergedError, TrainConfig
@@ -95,6 +95,7 @@ def owned_run(tracker: Tracker, run_id: str,
 def _fit_logged(tracker: Tracker, run_id: str, config: TrainConfig, data,
                 on_epoch: Callable | None = None):
     def log_epoch(stats):
+        signals.check()  # a Ctrl-C whose first raise Python dropped stops here
         tracker.log_epoch(run_id, stats)
         return on_epoch(stats) if on_epoch else False
 
