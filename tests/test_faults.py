@@ -247,7 +247,8 @@ def test_a_trial_asked_by_a_process_that_died_at_once_gets_a_run_and_fails(tmp_p
 
 def test_a_grid_covers_every_point_once_even_after_an_interrupted_trial(tmp_path,
                                                                          monkeypatch):
-    """The interrupted point is run again (Optuna's grid sampler counts it as visited)."""
+    """The baseline is one of the points, the interrupted point is run again, and the grid
+    ends when every point has its verdict, before the budget of 6."""
     real_fit = optimsweep.train.fit
     calls = iter(range(100))
 
@@ -257,7 +258,8 @@ def test_a_grid_covers_every_point_once_even_after_an_interrupted_trial(tmp_path
         return real_fit(config, data, on_epoch)
 
     monkeypatch.setattr(optimsweep.train, "fit", fit_interrupted_once)
-    path = line_sweep(tmp_path, budget={"n_trials": 4, "epochs": 1}, sampler={"name": "grid"},
+    path = line_sweep(tmp_path, budget={"n_trials": 6, "epochs": 1}, sampler={"name": "grid"},
+                      baseline=[{"optimizer": "adam", "batch_size": 64}],
                       search_space={"optimizer": {"type": "categorical",
                                                   "choices": ["sgd", "adam"]},
                                     "batch_size": {"type": "categorical", "choices": [16, 64]},

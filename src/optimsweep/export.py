@@ -62,7 +62,7 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
     folder = Path(out or Path("exports") / spec.name)  # spec.name is a safe folder name
     others = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES) \
         if folder.is_dir() else []
-    if folder.exists() and (others or not folder.is_dir()):
+    if folder.is_symlink() or (folder.exists() and (others or not folder.is_dir())):
         raise SpecError(f"{folder}: holds other files ({', '.join(others[:5]) or folder.name}); "
                         "export replaces the whole folder, so give --out an empty or new "
                         "folder, or an earlier export")

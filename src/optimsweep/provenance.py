@@ -26,7 +26,9 @@ def _git(*args: str) -> str | None:
 def provenance() -> dict[str, str]:
     """git commit (with '-dirty' when the work tree differs from it) and package versions."""
     info = {"python": platform.python_version()}
-    commit = _git("rev-parse", "HEAD")
+    # Only when optimsweep's own files are tracked there: a venv inside the user's repo
+    # would otherwise report the user's commit as ours.
+    commit = _git("ls-files", "--error-unmatch", "__init__.py") and _git("rev-parse", "HEAD")
     if commit:
         dirty = _git("status", "--porcelain", "--untracked-files=no")
         info["git_commit"] = commit + ("-dirty" if dirty else "")

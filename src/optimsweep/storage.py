@@ -123,8 +123,13 @@ def _set_torn_tail_aside(path: Path) -> None:
             fh.seek(size - 1)
             if fh.read(1) == b"\n":
                 return
-            fh.seek(max(0, size - (1 << 20)))
-            tail = fh.read()
+            start = size
+            while True:  # back to the last newline, however long the torn line is
+                start = max(0, start - (1 << 20))
+                fh.seek(start)
+                tail = fh.read()
+                if start == 0 or b"\n" in tail:
+                    break
     except FileNotFoundError:
         return
     end = size - len(tail) + tail.rfind(b"\n") + 1

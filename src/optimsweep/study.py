@@ -4,6 +4,7 @@ run with the study's summary, however the sweep ends."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
@@ -101,27 +102,40 @@ def _open_tracking(study: optuna.Study | None, spec: Spec) -> Tracker:
 MAX_RETRIES = 2  # how often an interrupted trial's config is run again
 
 
-def _next_enqueued(study: optuna.Study, spec: Spec) -> tuple[dict, dict] | None:
-    """What to run before sampling anything new, with the user attrs to give it: first the
-    config of an interrupted trial (a bounded number of times: it never got a verdict, and a
-    grid or a baseline would otherwise lose that point), then each baseline not yet run."""
-    def given(t) -> dict:  # an enqueued trial has its params before it suggests them
-        return {**t.system_attrs.get("fixed_params", {}), **t.params}
+def _given(t) -> dict:
+    """A trial's params; an enqueued one has them before it suggests them."""
+    return {**t.system_attrs.get("fixed_params", {}), **t.params}
 
+
+def _next_enqueued(study: optuna.Study, spec: Spec) -> tuple[dict, dict] | None:
+    """What to run before sampling anything new, with the user attrs to give it: each
+    baseline until it has a counted outcome (or is running), then the config of an
+    interrupted trial (a bounded number of times: it never got a verdict)."""
     trials = study.get_trials(deepcopy=False)
+    for params in spec.baseline:
+        if not any(t.user_attrs.get("baseline") and not t.user_attrs.get("interrupted") and
+                   all(_given(t).get(k) == v for k, v in params.items()) for t in trials):
+            return params, {"baseline": True}
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
         retries = t.user_attrs.get("retries", 0)
-        if (t.user_attrs.get("interrupted") and given(t) and t.number not in retried
-                and retries < MAX_RETRIES):
-            attrs = {"retry_of": t.number, "retries": retries + 1}
-            if t.user_attrs.get("baseline"):
-                attrs["baseline"] = True
-            return given(t), attrs
-    for params in spec.baseline:
-        if not any(t.user_attrs.get("baseline") and
-                   all(given(t).get(k) == v for k, v in params.items()) for t in trials):
-            return params, {"baseline": True}
+        if (t.user_attrs.get("interrupted") and not t.user_attrs.get("baseline") and _given(t)
+                and t.number not in retried and retries < MAX_RETRIES):
+            return _given(t), {"retry_of": t.number, "retries": retries + 1}
+    return None
+
+
+def _uncovered_grid_point(study: optuna.Study, spec: Spec) -> dict | None:
+    """The first grid point (in the file's order) that no counted or running trial covers.
+    The claim hands grid points out itself: Optuna's grid sampler numbers its points by
+    trial number, so a baseline or a retry would make it skip one."""
+    covered = [_given(t) for t in counted_trials(study)]
+    grid = grid_space(spec)
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values, strict=True))
+        if not any(params and all(point[k] == v for k, v in params.items() if k in point)
+                   for params in covered):
+            return point
     return None
 
 
@@ -214,43 +228,44 @@ def repair(opened: OpenStudy, *, close_parent: bool = False) -> None:
 
 # ---------------------------------------------------------------- claiming the budget
 
-def _grid_size(spec: Spec) -> int | None:
-    if spec.sampler.get("name") != "grid":
-        return None
-    size = 1
-    for values in grid_space(spec).values():
-        size *= len(values)
-    return size
-
-
 def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
     """Under the study lock: close trials of ended processes, and if the budget has room,
-    ask Optuna for the next trial (a retry or a baseline first). None when the budget is
-    used up. Nothing waits in the queue outside this lock, so no trial is left WAITING."""
+    ask Optuna for the next trial (a baseline, a retry or a grid point first). None when the
+    budget is used up. Nothing waits in the queue outside this lock, so no trial is left
+    WAITING; signals wait until the trial says which process owns it."""
     from optimsweep.trial import fail_stale_trials
 
     spec = ctx.spec
     check_signals()
     with study_lock(ctx.storage_url, spec.name):
         fail_stale_trials(study, tracker, ctx)
-        counted = len(counted_trials(study))
-        limit = min(ctx.n_trials, _grid_size(spec) or ctx.n_trials)
-        if counted >= limit:
+        if len(counted_trials(study)) >= ctx.n_trials:
             return None
         trials = study.get_trials(deepcopy=False)
+        grid = spec.sampler.get("name") == "grid"
+        pending = None
         if not any(t.state == TrialState.WAITING for t in trials):
             pending = _next_enqueued(study, spec)
-            if pending is not None:
-                storage_call(study.enqueue_trial, pending[0], user_attrs=pending[1])
+            if pending is None and grid:
+                point = _uncovered_grid_point(study, spec)
+                if point is None:
+                    return None  # every grid point has its verdict
+                pending = (point, {})
         # A seed per trial number, so that processes sampling one after another never
-        # repeat each other, and one process alone is reproducible. Grid and QMC keep one
-        # seed: it fixes their order, which is shared through the study.
+        # repeat each other, and one process alone is reproducible. QMC keeps one seed:
+        # its sequence is shared through the study.
         fixed_order = spec.sampler.get("name") in ("grid", "qmc")
         seed = spec.seed if fixed_order else sampler_seed(spec.seed, len(trials))
         study.sampler = build_sampler(spec, seed=seed)
-        trial = storage_call(study.ask)
-        storage_call(trial.set_user_attr, "host", socket.gethostname())
-        storage_call(trial.set_user_attr, "pid", os.getpid())
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if pending is not None:
+                storage_call(study.enqueue_trial, pending[0], user_attrs=pending[1])
+            trial = storage_call(study.ask)
+            storage_call(trial.set_user_attr, "host", socket.gethostname())
+            storage_call(trial.set_user_attr, "pid", os.getpid())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return trial
 
 

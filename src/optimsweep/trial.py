@@ -241,6 +241,28 @@ def fail_stale_trials(study: optuna.Study, tracker: Tracker, ctx: StudyContext) 
     return failed
 
 
+def _close_leftover_waiting(study: optuna.Study, tracker: Tracker,
+                            ctx: StudyContext) -> list[str]:
+    """Claims enqueue and ask in one step, so a WAITING trial is one whose process died in
+    between. While the budget has room the next claim runs it; once it is full, nothing
+    would: close it as failed and interrupted, with a run like every trial."""
+    from optimsweep.report import counted_trials
+
+    notes = []
+    while (len(counted_trials(study)) >= ctx.n_trials and
+           any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))):
+        trial = storage_call(study.ask)  # takes the oldest waiting trial
+        run_id = tracker.start_run(ctx.experiment_id, ctx.parent_run_id, ctx.spec.name,
+                                   trial.number)
+        storage_call(trial.set_user_attr, "mlflow_run_id", run_id)
+        outcome = Outcome(error="interrupted: queued by a process that ended before running it")
+        _tell(study, trial, outcome, tracker, run_id)
+        tracker.finish_run(run_id, "failed", error=outcome.error)
+        notes.append(f"trial {trial.number}: queued but never run, and the budget is used up; "
+                     "closed as failed (interrupted)")
+    return notes
+
+
 def reconcile(study: optuna.Study, tracker: Tracker, ctx: StudyContext, *,
               close_parent: bool = False) -> list[str]:
     """Make MLflow match Optuna after whatever ended the last command: stale trials failed,
@@ -249,6 +271,7 @@ def reconcile(study: optuna.Study, tracker: Tracker, ctx: StudyContext, *,
     held."""
     notes = [f"trial {n}: its process had ended; marked failed (interrupted, not counted)"
              for n in fail_stale_trials(study, tracker, ctx)]
+    notes += _close_leftover_waiting(study, tracker, ctx)
     trials = study.get_trials(deepcopy=False)
     runs = tracker.runs(ctx.experiment_id, "trial")
     by_number = {str(t.number): t for t in trials}
