@@ -144,25 +144,28 @@ def _set_torn_tail_aside(path: Path) -> None:
                 f"({len(torn)} bytes); set aside in {aside.name}, the rest is intact")
 
 
-def repair_journal(path: Path) -> None:
-    """Set a torn last line aside, and refuse a journal with a bad line anywhere else: that
-    is not ours to guess about, so say which line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
+def _set_torn_tail_aside_now(path: Path) -> None:
     lock = _FlockLock(path)
-    lock.acquire()  # sets a torn tail aside
+    lock.acquire()  # which sets a torn tail aside
+    lock.release()
+
+
+def _bad_journal_line(path: Path) -> StoreError:
+    """Optuna refuses a journal with a bad line before its end but doesn't say which: find
+    it (only then, so a healthy journal is parsed once, by Optuna)."""
+    number = next((n for n, line in enumerate(path.read_bytes().splitlines(), 1)
+                   if not _parses(line)), "?")
+    return StoreError(f"{path}: line {number} is not a whole journal record, so the study "
+                      "can't be read; keep a copy of the file, then remove that line or start "
+                      "a new study file")
+
+
+def _parses(line: bytes) -> bool:
     try:
-        data = path.read_bytes()
-    finally:
-        lock.release()
-    for number, line in enumerate(data.splitlines(), 1):
-        try:
-            json.loads(line)
-        except ValueError:
-            raise StoreError(
-                f"{path}: line {number} is not a whole journal record, so the study can't "
-                "be read; keep a copy of the file, then remove that line or start a new "
-                "study file") from None
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _create_rdb(url: str) -> None:
@@ -179,9 +182,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             return optuna.storages.RDBStorage(url)
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        repair_journal(path)
+        _set_torn_tail_aside_now(path)  # else Optuna would silently drop that last record
         backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=_FlockLock(path))
-        return optuna.storages.JournalStorage(backend)
+        try:
+            return optuna.storages.JournalStorage(backend)
+        except ValueError as exc:  # json's errors are ValueErrors, and so is Optuna's own
+            raise _bad_journal_line(path) from exc
     except StoreError:
         raise
     except ImportError as exc:

@@ -107,11 +107,10 @@ def _given(t) -> dict:
     return {**t.system_attrs.get("fixed_params", {}), **t.params}
 
 
-def _next_enqueued(study: optuna.Study, spec: Spec) -> tuple[dict, dict] | None:
+def _next_enqueued(trials: list, spec: Spec) -> tuple[dict, dict] | None:
     """What to run before sampling anything new, with the user attrs to give it: each
     baseline until it has a counted outcome (or is running), then the config of an
     interrupted trial (a bounded number of times: it never got a verdict)."""
-    trials = study.get_trials(deepcopy=False)
     for params in spec.baseline:
         if not any(t.user_attrs.get("baseline") and not t.user_attrs.get("interrupted") and
                    all(_given(t).get(k) == v for k, v in params.items()) for t in trials):
@@ -147,6 +146,7 @@ def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> 
         raise SpecError(f"{spec.path}: storage: SQLite can't serve {workers} parallel workers; "
                         "use a journal file path (the default) or a PostgreSQL URL")
     storage = open_storage(storage_url)
+    sweep_text = redact_text(spec.text)  # a password written in the file is not kept
     with study_lock(storage_url, spec.name):
         try:
             study = optuna.load_study(study_name=spec.name, storage=storage)
@@ -160,12 +160,11 @@ def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> 
                                         direction=spec.direction)
             study.set_user_attr("fingerprint", spec.fingerprint())
             study.set_user_attr("sweep_file", str(spec.path))
-            # `export STUDY` works without the file; a password in a URL is not kept
-            study.set_user_attr("sweep_text", redact_text(spec.text))
+            # `export STUDY` works without the file
+            study.set_user_attr("sweep_text", sweep_text)
         experiment_id = tracker.experiment_id(spec.name)
         parent = tracker.study_run(
-            experiment_id, spec.name, sweep_text=redact_text(spec.text),
-            sweep_file=str(spec.path),
+            experiment_id, spec.name, sweep_text=sweep_text, sweep_file=str(spec.path),
             tags={"optimsweep.sampler": spec.sampler.get("name", "tpe"),
                   "optimsweep.sampler_options": str(spec.sampler),
                   "optimsweep.pruner": spec.pruner.get("name", "median"),
@@ -245,7 +244,7 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
         grid = spec.sampler.get("name") == "grid"
         pending = None
         if not any(t.state == TrialState.WAITING for t in trials):
-            pending = _next_enqueued(study, spec)
+            pending = _next_enqueued(trials, spec)
             if pending is None and grid:
                 point = _uncovered_grid_point(study, spec)
                 if point is None:
