@@ -4,17 +4,19 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SWEEP  ?= sweeps/fashion_mnist.yaml
 PORT   ?= 5000
-TRACKING_URI ?= sqlite:///mlruns/mlflow.db
+TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
+SERVICES ?= .services
 ARGS   ?=
 
-.PHONY: install data browser sweep ui export best confirm train test bench lint clean
+.PHONY: install data browser services services-stop sweep ui export best confirm train test \
+        bench bench-scaling lint clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,postgres]'
 	touch $@
 
 data: install
@@ -32,10 +34,23 @@ browser:
 	      --no-install-recommends chromium >/dev/null; \
 	  else echo "chromium missing and not root: install Debian's chromium for the UI test"; fi; }
 
+# PostgreSQL (Optuna's storage) and an MLflow tracking server (records and artifacts) on
+# loopback, for workers on many machines or in many folders: README "Scaling out".
+services: install
+	$(BIN)/optimsweep services start --dir $(SERVICES)
+
+services-stop: install
+	$(BIN)/optimsweep services stop --dir $(SERVICES)
+
+# Against a tracking server (MLFLOW_TRACKING_URI=http://...) the server is the UI.
 ui: install
+ifneq (,$(filter http://% https://%,$(TRACKING_URI)))
+	@echo "MLflow UI: $(TRACKING_URI)/#/experiments?workflowType=machine_learning  (the tracking server's own)"
+else
 	@mkdir -p mlruns
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning  (Ctrl-C to stop)"
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+endif
 
 export: data
 	$(BIN)/optimsweep export $(SWEEP) $(ARGS)
@@ -54,6 +69,9 @@ test: data browser
 
 bench: data
 	$(BIN)/python benchmarks/bench_core.py $(ARGS)
+
+bench-scaling: install
+	$(BIN)/python benchmarks/bench_scaling.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -23,3 +23,34 @@ def fashion_tutorial():
 def line():
     """The seed's y = 0.7 x + 0.3 regression task."""
     return make_regression()
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """A real PostgreSQL and `mlflow server`, started by the same code as `make services`
+    (installing Debian's postgresql where it is missing and we are root), stopped after.
+    Where they can't be had the tests skip, except in CI, where that is a failure."""
+    import os
+    import shutil
+    import socket
+    import tempfile
+
+    from optimsweep import services
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    folder = tempfile.mkdtemp(prefix="optimsweep-services-")  # /tmp: the postgres user reaches it
+    try:
+        endpoints = services.start(folder, free_port(), free_port())
+    except services.ServiceError as exc:
+        services.stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL and the MLflow server are required in CI: {exc}")
+        pytest.skip(f"no PostgreSQL here: {exc}")
+    yield endpoints
+    services.stop(folder)
+    shutil.rmtree(folder, ignore_errors=True)

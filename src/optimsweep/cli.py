@@ -153,6 +153,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_services(args) -> int:
+    from optimsweep import services
+
+    if args.action == "stop":
+        stopped = services.stop(args.dir)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        return 0
+    endpoints = services.start(args.dir, args.pg_port, args.mlflow_port)
+    print(f"PostgreSQL on 127.0.0.1:{endpoints.pg_port}, MLflow server (UI too) on "
+          f"{endpoints.tracking_uri}; data in {endpoints.folder}/. To use them:")
+    print(endpoints.exports())
+    return 0
+
+
 class UsageError(ValueError):
     """A mistake on the command line itself."""
 
@@ -201,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder (default: exports/STUDY)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("services", help="start or stop a local PostgreSQL and MLflow server")
+    p.add_argument("action", choices=("start", "stop"))
+    p.add_argument("--dir", default=".services", help="their data, logs and password")
+    p.add_argument("--pg-port", type=int, default=55432)
+    p.add_argument("--mlflow-port", type=int, default=5001)
+    p.set_defaults(func=cmd_services)
+
     p = sub.add_parser("data", help="find, install or download FashionMNIST")
     p.add_argument("--root", type=Path, default=None, help="default: $OPTIMSWEEP_DATA or data/")
     p.set_defaults(func=cmd_data)
@@ -222,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     from optimsweep.data import DataUnavailable
+    from optimsweep.services import ServiceError
     from optimsweep.spec import SpecError
     from optimsweep.storage import STORE_FAILURES, StoreError, describe
     from optimsweep.study import WorkersFailed
@@ -236,7 +258,7 @@ def _run(argv: list[str]) -> int:
         return args.func(args)
     except (ConfigError, DivergedError, SpecError, DataUnavailable) as exc:
         return _expected(exc, args.debug, 2)
-    except (StoreError, WorkersFailed) as exc:
+    except (StoreError, WorkersFailed, ServiceError) as exc:
         return _expected(exc, args.debug, 3)
     except STORE_FAILURES as exc:  # a store failing where no trial was running
         return _expected(StoreError(f"store: {describe(exc)}"), args.debug, 3)

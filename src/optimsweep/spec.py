@@ -30,15 +30,19 @@ from optimsweep.samplers import (
     grid_space,
     option_type_problem,
 )
+from optimsweep.storage import Resilience
 from optimsweep.train import CONDITIONS, CONFIG_DEFAULTS, ConfigError, TrainConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "task", "model", "metric", "direction", "seed",
                   "sampler", "pruner", "budget", "storage", "tracking_uri", "data", "fixed",
-                  "search_space", "baseline")
+                  "search_space", "baseline", "heartbeat", "store_timeout")
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 DIRECTIONS = ("maximize", "minimize")
 BUDGET_KEYS = ("n_trials", "epochs", "timeout")
 DATA_KEYS = ("val_size", "split_seed", "train_subset")
+HEARTBEAT_KEYS = ("interval", "grace_period", "max_retry")
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "postgresql+psycopg")
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"float": ("type", "low", "high", "log", "step", "when"),
               "int": ("type", "low", "high", "log", "step", "when"),
@@ -85,6 +89,7 @@ class Spec:
     budget: Budget = field(default_factory=Budget)
     storage: str | None = None
     tracking_uri: str | None = None
+    resilience: Resilience = field(default_factory=Resilience)
     data: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
     search_space: dict[str, Param] = field(default_factory=dict)
@@ -197,6 +202,41 @@ def _parse_param(path: Path, name: str, raw, base: dict) -> Param | Any:
         except ValueError as exc:
             raise _fail(path, key, str(exc)) from None
     return Param(name, dist, when=_parse_when(path, key, raw.get("when")))
+
+
+def _check_store_urls(path: Path, spec: Spec) -> None:
+    from optimsweep.urls import redact
+
+    if spec.storage and "://" in spec.storage and \
+            spec.storage.split("://")[0] not in STORAGE_SCHEMES:
+        raise _fail(path, "storage", f"{redact(spec.storage)} is not allowed; give a journal "
+                    "file path, sqlite:///FILE (one process) or postgresql://USER@HOST/DB")
+    uri = spec.tracking_uri
+    if uri and ("://" not in uri or uri.split("://")[0] not in TRACKING_SCHEMES):
+        raise _fail(path, "tracking_uri", f"{redact(uri)} is not allowed (MLflow 3 has no "
+                    "plain file store); give sqlite:///FILE, http(s)://HOST:PORT (an MLflow "
+                    "server) or postgresql://USER@HOST/DB")
+
+
+def _parse_resilience(path: Path, raw: dict) -> Resilience:
+    beat = _mapping(path, "heartbeat", raw.get("heartbeat"), HEARTBEAT_KEYS)
+    out = Resilience()
+    for key, attr in (("interval", "heartbeat_interval"), ("grace_period", "grace_period"),
+                      ("max_retry", "max_retry")):
+        if key in beat:
+            value = _number(path, f"heartbeat.{key}", beat[key], int)
+            if value < (0 if key == "max_retry" else 1):
+                raise _fail(path, f"heartbeat.{key}",
+                            f"{value} must be >= {0 if key == 'max_retry' else 1}")
+            setattr(out, attr, value)
+    if out.grace_period <= out.heartbeat_interval:
+        raise _fail(path, "heartbeat.grace_period", f"{out.grace_period} must be longer than "
+                    f"the interval ({out.heartbeat_interval} s), else a live trial looks dead")
+    if raw.get("store_timeout") is not None:
+        out.store_timeout = _number(path, "store_timeout", raw["store_timeout"])
+        if out.store_timeout <= 0:
+            raise _fail(path, "store_timeout", f"{out.store_timeout} must be > 0 (seconds)")
+    return out
 
 
 def _parse_when(path: Path, key: str, raw) -> dict[str, tuple]:
@@ -340,6 +380,8 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
         if value is not None and not isinstance(value, str):
             raise _fail(path, key, "expected a URL or a path")
         setattr(spec, key, value)
+    _check_store_urls(path, spec)
+    spec.resilience = _parse_resilience(path, raw)
     spec.sampler = _options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
     spec.pruner = _options(path, "pruner", raw.get("pruner"), PRUNERS, "median")
 

@@ -8,16 +8,23 @@ a study or claim a trial of the budget.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
+import socket
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal._file import BaseJournalFileLock
 
 from optimsweep.atomic import create_sqlite_atomically, file_lock, write_text_atomic
@@ -25,6 +32,9 @@ from optimsweep.urls import redact, redact_text
 
 DEFAULT_STORAGE = "mlruns/optuna.journal"
 log = logging.getLogger("optimsweep")
+# Trials are asked and told here, not by optimize(): our claim and trial loop drive the
+# heartbeat themselves (see `heartbeat` and trial.fail_stale_trials).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
 class StoreError(RuntimeError):
@@ -59,15 +69,59 @@ def _store_failures() -> tuple[type[BaseException], ...]:
 STORE_FAILURES = _store_failures()
 
 
-def storage_call(fn, *args, **kwargs):
+@dataclass
+class Resilience:
+    """How a study rides out its servers: Optuna's heartbeat on a server database (a trial
+    silent for `grace_period` seconds is failed, and retried by a live worker up to
+    `max_retry` times), and how long a store that went away is retried before giving up."""
+
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    max_retry: int = 2
+    store_timeout: float = 60.0
+
+
+RESILIENCE = Resilience()  # this process's settings, from the sweep file being run
+_gave_up = False  # the database stayed away for a whole store_timeout once already
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """The database went away (restart, network): worth trying again. Anything else (a
+    constraint, a finished trial) would fail the same way again."""
+    import sqlalchemy
+
+    while exc is not None:
+        if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+            return True
+        if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def storage_call(fn, *args, retry: bool = True, **kwargs):
     """Call Optuna: its storage failing is a store failure (one line, the trial uncounted),
-    not the trial's own."""
-    try:
-        return fn(*args, **kwargs)
-    except (StoreError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        raise StoreError(f"study storage: {describe(exc)}") from exc
+    not the trial's own. A lost database connection is tried again with backoff for
+    RESILIENCE.store_timeout seconds first (not with `retry=False`: inside the study lock,
+    whose connection went with it)."""
+    from optimsweep import signals
+
+    global _gave_up
+    deadline, pause = time.monotonic() + RESILIENCE.store_timeout, 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except (StoreError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            lost = _lost_connection(exc)
+            if not (retry and lost and not _gave_up and time.monotonic() + pause < deadline):
+                _gave_up = _gave_up or lost  # it had its time: later calls fail at once
+                raise StoreError(f"study storage: {describe(exc)}") from exc
+            log.debug(f"study storage unreachable ({describe(exc)}); again in {pause:.1f} s")
+            time.sleep(pause)
+            signals.check()
+            pause = min(2 * pause, 8.0)
 
 
 def resolve_storage(spec_storage: str | None = None) -> str:
@@ -172,6 +226,70 @@ def _create_rdb(url: str) -> None:
     optuna.storages.RDBStorage(url).engine.dispose()
 
 
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a heartbeat-stale trial, which queues the trial's params again.
+    The new trial inherits only its config and what it retries (`retry_of`): Optuna would
+    copy every user attr, the dead trial's run id and `interrupted` flag with them."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retries = trial.user_attrs.get("retries", 0)
+        if self._max_retry is not None and retries >= self._max_retry:
+            return  # counted the same way as the claim's own retries
+        clean = copy.copy(trial)
+        clean.user_attrs = {"retry_of": trial.number, "retries": retries + 1,
+                            **({"baseline": True} if trial.user_attrs.get("baseline") else {})}
+        super().__call__(study, clean)
+
+
+# One engine per server database and process: its pool is what bounds the connections.
+_SERVER_STORAGES: dict[str, optuna.storages.RDBStorage] = {}
+# A trial's calls + its heartbeat, or a claim + the study lock (plus, while a process first
+# opens the database, the lock that lets one process at a time create Optuna's tables).
+CONNECTIONS_PER_PROCESS = 2
+
+
+def _server_storage(url: str) -> optuna.storages.RDBStorage:
+    """PostgreSQL for many machines: Optuna's heartbeat and stale-trial retry, a pool of
+    at most two connections named after this process, checked before use (a restarted
+    server leaves dead ones behind)."""
+    if url not in _SERVER_STORAGES:
+        name = f"optimsweep {socket.gethostname()} pid {os.getpid()}"[:63]
+        with warnings.catch_warnings(), _one_at_a_time(url, "optimsweep schema", "init " + name):
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            _SERVER_STORAGES[url] = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"pool_size": CONNECTIONS_PER_PROCESS, "max_overflow": 0,
+                               "pool_pre_ping": True, "pool_timeout": 120,
+                               "connect_args": {"application_name": name,
+                                                "connect_timeout": 10}},
+                heartbeat_interval=RESILIENCE.heartbeat_interval,
+                grace_period=RESILIENCE.grace_period,
+                heartbeat_stale_trial_callback=RetryStaleTrial(
+                    max_retry=RESILIENCE.max_retry))
+    return _SERVER_STORAGES[url]
+
+
+def _lock_key(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _one_at_a_time(url: str, what: str, application_name: str) -> Iterator[None]:
+    """A PostgreSQL advisory lock on a connection of its own: workers starting together on
+    a fresh database would race in Optuna's CREATE TABLEs (duplicate key in pg_type)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args={
+        "application_name": application_name, "connect_timeout": 10})
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"),
+                         {"k": _lock_key(what)})
+            yield
+    finally:
+        engine.dispose()
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """A URL (postgresql://, sqlite:///) is an RDB; anything else is a journal file path,
     which several local worker processes can share safely (SQLite can't)."""
@@ -179,7 +297,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if not is_journal(url):
             if url.startswith("sqlite:///"):
                 create_sqlite_atomically(url.removeprefix("sqlite:///"), _create_rdb)
-            return optuna.storages.RDBStorage(url)
+                return optuna.storages.RDBStorage(url)
+            return _server_storage(url)
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         _set_torn_tail_aside_now(path)  # else Optuna would silently drop that last record
@@ -206,17 +325,48 @@ def study_lock(url: str, study_name: str) -> Iterator[None]:
     elif url.startswith("sqlite:///"):
         with file_lock(_lock_path(url.removeprefix("sqlite:///"), "study")):
             yield
-    else:  # a server database: an advisory lock, released if the connection dies
-        import sqlalchemy
+    else:  # a server database: an advisory lock, held by a transaction of the storage's
+        import sqlalchemy  # own pool, so it ends with the transaction or the connection
 
-        key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        key = _lock_key(study_name)
+        engine = open_storage(url).engine
         try:
-            with engine.connect() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn = engine.connect()
+            transaction = conn.begin()
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            raise StoreError(f"study storage {redact(url)}: {describe(exc)}") from exc
+        try:
+            yield
         finally:
-            engine.dispose()
+            try:
+                transaction.rollback()  # nothing was written on it: this just unlocks
+                conn.close()
+            except sqlalchemy.exc.SQLAlchemyError:
+                conn.invalidate()  # the server went away, and the lock with it
+
+
+@contextmanager
+def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """Optuna's heartbeat for a trial run by ask-and-tell (Optuna beats only inside
+    `optimize`). A beat that fails (the database restarting) is tried at the next interval;
+    beats missed for the grace period let another worker fail and retry the trial."""
+    if not is_heartbeat_enabled(storage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(storage.get_heartbeat_interval()):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # noqa: BLE001
+                log.debug(f"heartbeat of trial id {trial_id} missed: {describe(exc)}")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -24,8 +24,10 @@ from optimsweep.signals import Interrupted, stop_on_signals
 from optimsweep.signals import check as check_signals
 from optimsweep.spec import NAME_PATTERN, Spec, SpecError, load_spec, parse_spec
 from optimsweep.storage import (
+    RESILIENCE,
     StoreError,
     describe,
+    is_heartbeat_enabled,
     is_journal,
     open_storage,
     resolve_storage,
@@ -33,11 +35,12 @@ from optimsweep.storage import (
     study_lock,
 )
 from optimsweep.terminal import quiet
-from optimsweep.tracking import HOST, PID, Tracker, resolve_tracking_uri
+from optimsweep.tracking import HOST, PID, Tracker, configure_http_retries, resolve_tracking_uri
 from optimsweep.trial import reconcile
 from optimsweep.urls import redact, redact_text
 
 log = logging.getLogger("optimsweep")
+SUMMARIZED = "optimsweep.summarized"  # the trials the parent run's summary and plots show
 WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after SIGTERM
 
 
@@ -64,6 +67,12 @@ class OpenStudy:
     study: optuna.Study
     tracker: Tracker
     ctx: StudyContext
+
+
+def _configure_stores(spec: Spec) -> None:
+    """This process rides out its stores as the sweep file says (heartbeat, retries)."""
+    vars(RESILIENCE).update(vars(spec.resilience))
+    configure_http_retries(spec.resilience.store_timeout)
 
 
 def _check_fingerprint(study: optuna.Study, spec: Spec) -> None:
@@ -99,9 +108,6 @@ def _open_tracking(study: optuna.Study | None, spec: Spec) -> Tracker:
     return tracker
 
 
-MAX_RETRIES = 2  # how often an interrupted trial's config is run again
-
-
 def _given(t) -> dict:
     """A trial's params; an enqueued one has them before it suggests them."""
     return {**t.system_attrs.get("fixed_params", {}), **t.params}
@@ -119,7 +125,7 @@ def _next_enqueued(trials: list, spec: Spec) -> tuple[dict, dict] | None:
     for t in trials:
         retries = t.user_attrs.get("retries", 0)
         if (t.user_attrs.get("interrupted") and not t.user_attrs.get("baseline") and _given(t)
-                and t.number not in retried and retries < MAX_RETRIES):
+                and t.number not in retried and retries < RESILIENCE.max_retry):
             return _given(t), {"retry_of": t.number, "retries": retries + 1}
     return None
 
@@ -141,6 +147,7 @@ def _uncovered_grid_point(study: optuna.Study, spec: Spec) -> dict | None:
 def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> OpenStudy:
     """Create or resume the study and its MLflow parent run, and repair what an earlier
     command left behind. Everything is checked before anything is created."""
+    _configure_stores(spec)
     storage_url = resolve_storage(spec.storage)
     if workers > 1 and storage_url.startswith("sqlite"):
         raise SpecError(f"{spec.path}: storage: SQLite can't serve {workers} parallel workers; "
@@ -194,6 +201,8 @@ def open_existing(target: str | Path) -> OpenStudy:
         if not NAME_PATTERN.fullmatch(name):
             raise SpecError(f"{name!r}: neither a sweep file nor a study name (letters, "
                             "digits, '.', '_' and '-')")
+    if spec is not None:
+        _configure_stores(spec)
     if is_journal(storage_url) and not Path(storage_url).is_file():
         raise SpecError(f"no study store at {storage_url}; run `optimsweep sweep FILE` first")
     storage = open_storage(storage_url)
@@ -227,19 +236,34 @@ def repair(opened: OpenStudy, *, close_parent: bool = False) -> None:
 
 # ---------------------------------------------------------------- claiming the budget
 
+WAIT = "wait"  # the budget is held by other processes' running trials: ask again soon
+
+
+def _others_running(study: optuna.Study, counted: list) -> bool:
+    """Counted trials still running in other processes, whose end this process will see:
+    they finish, or they are found dead (same host: pid; any host: no heartbeat) and their
+    params are retried. Trials of another host without a heartbeat can't be watched."""
+    running = [t for t in counted if t.state == TrialState.RUNNING]
+    return bool(running) and (is_heartbeat_enabled(study._storage) or all(
+        t.user_attrs.get("host") == socket.gethostname() for t in running))
+
+
 def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
     """Under the study lock: close trials of ended processes, and if the budget has room,
     ask Optuna for the next trial (a baseline, a retry or a grid point first). None when the
-    budget is used up. Nothing waits in the queue outside this lock, so no trial is left
-    WAITING; signals wait until the trial says which process owns it."""
+    budget is used up; WAIT while it is held by trials running elsewhere that may yet fail.
+    Nothing waits in the queue outside this lock, so no trial is left WAITING; signals wait
+    until the trial says which process owns it. Inside the lock no call is retried: the
+    lock lives on a database connection, and a lost connection loses it."""
     from optimsweep.trial import fail_stale_trials
 
     spec = ctx.spec
     check_signals()
     with study_lock(ctx.storage_url, spec.name):
         fail_stale_trials(study, tracker, ctx)
-        if len(counted_trials(study)) >= ctx.n_trials:
-            return None
+        counted = counted_trials(study)
+        if len(counted) >= ctx.n_trials:
+            return WAIT if _others_running(study, counted) else None
         trials = study.get_trials(deepcopy=False)
         grid = spec.sampler.get("name") == "grid"
         pending = None
@@ -248,7 +272,7 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
             if pending is None and grid:
                 point = _uncovered_grid_point(study, spec)
                 if point is None:
-                    return None  # every grid point has its verdict
+                    return WAIT if _others_running(study, counted) else None
                 pending = (point, {})
         # A seed per trial number, so that processes sampling one after another never
         # repeat each other, and one process alone is reproducible. QMC keeps one seed:
@@ -259,13 +283,17 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             if pending is not None:
-                storage_call(study.enqueue_trial, pending[0], user_attrs=pending[1])
-            trial = storage_call(study.ask)
-            storage_call(trial.set_user_attr, "host", socket.gethostname())
-            storage_call(trial.set_user_attr, "pid", os.getpid())
+                storage_call(study.enqueue_trial, pending[0], user_attrs=pending[1],
+                             retry=False)
+            trial = storage_call(study.ask, retry=False)
+            if is_heartbeat_enabled(study._storage):  # its first beat, before anything else
+                storage_call(study._storage.record_heartbeat, trial._trial_id, retry=False)
+            storage_call(trial.set_user_attr, "host", socket.gethostname(), retry=False)
+            storage_call(trial.set_user_attr, "pid", os.getpid(), retry=False)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return trial
+    tracker.reopen(ctx.parent_run_id)  # another process may have closed it meanwhile
+    return trial
 
 
 def _say(message: str) -> None:
@@ -282,6 +310,7 @@ def run_trials(ctx: StudyContext, *, deadline: float | None = None,
     from optimsweep.trial import run_trial
 
     spec = ctx.spec
+    _configure_stores(spec)
     data = load_data(TrainConfig.from_dict(spec.base_config()))
     storage = open_storage(ctx.storage_url)
     tracker = Tracker(ctx.tracking_uri)
@@ -294,6 +323,9 @@ def run_trials(ctx: StudyContext, *, deadline: float | None = None,
             trial = claim_trial(study, ctx, tracker)
             if trial is None:
                 break
+            if trial is WAIT:
+                time.sleep(min(2.0, RESILIENCE.heartbeat_interval))
+                continue
             outcome = run_trial(study, trial, ctx, data, tracker)
             if outcome.state == "failed":
                 _say(f"trial {trial.number} failed: {outcome.error}")
@@ -403,12 +435,24 @@ def _close_study_run(opened: OpenStudy, status: str) -> None:
     repair(opened)
     study, tracker, ctx = opened.study, opened.tracker, opened.ctx
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    left = ctx.n_trials - len(counted_trials(study))
     if running:
-        tracker.set_tag(ctx.parent_run_id, "optimsweep.note",
-                        f"{len(running)} trials still running in other processes")
+        note = f"{len(running)} trials still running in other processes"
+    elif status == "FINISHED" and left > 0:  # a timeout: only a full budget is FINISHED
+        status, note = "KILLED", (f"stopped with {left} of {ctx.n_trials} trials of the "
+                                  "budget left; run the sweep again to finish them")
     else:
-        tracker.set_tag(ctx.parent_run_id, "optimsweep.note", "")
-        tracker.set_status(ctx.parent_run_id, status)
+        note = ""
+    tracker.set_tag(ctx.parent_run_id, "optimsweep.note", note)
+    if running:
+        return  # the summary and plots are the last process's to write
+    tracker.set_status(ctx.parent_run_id, status)
+    # Workers ending together would each draw the same plots: the first one does.
+    finished = f"{len(study.get_trials(deepcopy=False)) - len(running)} trials"
+    with study_lock(ctx.storage_url, ctx.spec.name):
+        if tracker.tag(ctx.parent_run_id, SUMMARIZED) == finished:
+            return
+        tracker.set_tag(ctx.parent_run_id, SUMMARIZED, finished)
     log_summary(study, ctx.spec.metric, tracker, ctx.parent_run_id)
     log_study_plots(study, ctx.spec.metric, tracker.client, ctx.parent_run_id)
 

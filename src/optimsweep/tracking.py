@@ -42,6 +42,29 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 # One small state_dict per download: a progress bar is only noise between our own lines.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow prints a "View run" link for every run a server closes: noise between our lines,
+# with the URL's password in it when it has one.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+# MLflow's own retry of a request to a tracking server, unless the environment sets it.
+_HTTP_RETRY_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT")
+_USER_SET = {var for var in _HTTP_RETRY_VARS if var in os.environ}
+
+
+def configure_http_retries(seconds: float) -> None:
+    """Size MLflow's retry with exponential backoff (waits 2, 4, 8 ... s) to ride out a
+    tracking server that is gone for about `seconds`; after that the call fails and the
+    trial stops uncounted. MLflow's default keeps retrying for minutes."""
+    retries = 1
+    while 2 ** retries - 2 < seconds and retries < 10:
+        retries += 1
+    timeout = max(5, min(60, int(seconds / 2)))  # per attempt, for a server that hangs
+    for var, value in zip(_HTTP_RETRY_VARS, (retries, 1, timeout),
+                          strict=True):
+        if var not in _USER_SET:
+            os.environ[var] = str(value)
 
 
 def resolve_tracking_uri(spec_uri: str | None = None) -> str:
@@ -83,9 +106,28 @@ def _store_call(method):
         except StoreError:
             raise
         except Exception as exc:
+            if _unreachable(exc):
+                _stop_retrying()
             raise StoreError(f"tracking store {redact(self.uri)}: {describe(exc)}") from exc
 
     return call
+
+
+def _unreachable(exc: BaseException | None) -> bool:
+    import requests
+
+    while exc is not None:
+        if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _stop_retrying() -> None:
+    """The server had its time once: this process's remaining calls (closing the run, the
+    study's summary) fail at once, so the worker stops within one store_timeout."""
+    if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in _USER_SET:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
 
 
 class Tracker:
@@ -218,12 +260,23 @@ class Tracker:
         self.client.set_terminated(run_id, RUN_STATUS[state])
 
     @_store_call
+    def tag(self, run_id: str, key: str) -> str | None:
+        return self.client.get_run(run_id).data.tags.get(key)
+
+    @_store_call
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 
     @_store_call
     def download(self, run_id: str, artifact: str, folder: Path) -> Path:
         return Path(self.client.download_artifacts(run_id, artifact, str(folder)))
+
+    @_store_call
+    def reopen(self, run_id: str) -> None:
+        """Mark a run RUNNING again (the study's run, when a worker picks up a trial after
+        another process closed it)."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
 
     @_store_call
     def set_status(self, run_id: str, status: str) -> None:

@@ -24,7 +24,14 @@ import optuna
 from optuna.trial import TrialState
 
 from optimsweep import signals, train
-from optimsweep.storage import StoreError, describe, storage_call
+from optimsweep.storage import (
+    RESILIENCE,
+    StoreError,
+    describe,
+    heartbeat,
+    is_heartbeat_enabled,
+    storage_call,
+)
 from optimsweep.tracking import HOST, PID, RUN_STATUS, STATE, TRIAL, Tracker
 from optimsweep.train import DivergedError, TrainConfig
 
@@ -116,7 +123,14 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, tracker: T
     if not outcome.counted:
         storage_call(trial.set_user_attr, "interrupted", True)
     value = outcome.value if outcome.state == "complete" else None
-    storage_call(study.tell, trial, value, state=STATE_OF[outcome.state])
+    try:
+        storage_call(study.tell, trial, value, state=STATE_OF[outcome.state])
+    except StoreError as exc:
+        if isinstance(exc.__cause__, optuna.exceptions.UpdateFinishedTrialError):
+            raise StoreError(f"trial {trial.number} was failed by another worker (no "
+                             "heartbeat reached the study storage for its grace period); its "
+                             "params are retried there") from exc
+        raise
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
@@ -129,11 +143,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
     try:
         # Until this run exists the trial stays RUNNING: if we die here, reconcile gives it
         # a run and fails it, so no finished trial is ever without one.
-        run_id = tracker.start_run(ctx.experiment_id, ctx.parent_run_id, spec.name,
-                                   trial.number, tags={"optimsweep.device": str(data.device)})
+        retry_of = trial.user_attrs.get("retry_of")
+        run_id = tracker.start_run(
+            ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
+            tags={"optimsweep.device": str(data.device),
+                  **({"optimsweep.retry_of": str(retry_of)} if retry_of is not None else {})})
         storage_call(trial.set_user_attr, "mlflow_run_id", run_id)
-        with owned_run(tracker, run_id,
-                       lambda o: _tell(study, trial, o, tracker, run_id)) as outcome:
+        with heartbeat(study._storage, trial._trial_id), \
+                owned_run(tracker, run_id,
+                          lambda o: _tell(study, trial, o, tracker, run_id)) as outcome:
             config = suggest_config(trial, spec)
             tracker.log_config(run_id, config, trial.params)
 
@@ -194,7 +212,7 @@ def _pid_alive(pid: int) -> bool:
 
 def owner_gone(host: str | None, pid: str | int | None, trial_id: int | None = None) -> bool:
     """True when the process that owns a trial or run has ended (only knowable on its own
-    host; other hosts' trials are for the RDB heartbeat)."""
+    host; other hosts' trials are for the heartbeat of a server storage)."""
     if host != socket.gethostname() or pid is None:
         return False
     pid = int(pid)
@@ -213,13 +231,24 @@ def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
     return host is None or pid is None or owner_gone(host, pid, trial._trial_id)
 
 
+def _silent(study: optuna.Study) -> set[int]:
+    """Trial ids whose heartbeat (server storages only) is older than the grace period."""
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return set()
+    return set(storage_call(storage._get_stale_trial_ids, study._study_id, retry=False))
+
+
 def fail_stale_trials(study: optuna.Study, tracker: Tracker, ctx: StudyContext) -> list[int]:
-    """Close the RUNNING trials whose process has ended: failed and `interrupted` (they
-    don't use up budget), each with exactly one FAILED run. Call with the study lock held."""
+    """Close the RUNNING trials whose process has ended (on this host) or whose heartbeat
+    stopped (any host): failed and `interrupted` (they don't use up budget), each with
+    exactly one FAILED run. On a server storage Optuna's stale-trial callback then queues
+    its params again. Call with the study lock held."""
     runs = None
     failed = []
+    silent = _silent(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t):
+        if not (is_stale(t) or t._trial_id in silent):
             continue
         if runs is None:
             runs = tracker.runs(ctx.experiment_id, "trial")
@@ -229,15 +258,21 @@ def fail_stale_trials(study: optuna.Study, tracker: Tracker, ctx: StudyContext) 
             run_id = tracker.start_run(ctx.experiment_id, ctx.parent_run_id, ctx.spec.name,
                                        t.number)
         tracker.log_missing_params(run_id, t.params)  # it may have died before logging them
-        reason = (f"interrupted: its process (pid {t.user_attrs.get('pid')} on "
-                  f"{t.user_attrs.get('host')}) ended before the trial did")
+        owner = f"pid {t.user_attrs.get('pid')} on {t.user_attrs.get('host')}"
+        reason = (f"interrupted: its process ({owner}) ended before the trial did"
+                  if is_stale(t) else
+                  f"interrupted: no heartbeat from its worker ({owner}) for "
+                  f"{RESILIENCE.grace_period} s or more")
         storage = study._storage
-        storage_call(storage.set_trial_user_attr, t._trial_id, "mlflow_run_id", run_id)
-        storage_call(storage.set_trial_user_attr, t._trial_id, "interrupted", True)
-        storage_call(storage.set_trial_user_attr, t._trial_id, "error", reason)
-        storage_call(storage.set_trial_state_values, t._trial_id, TrialState.FAIL)
+        for key, value in (("mlflow_run_id", run_id), ("interrupted", True), ("error", reason)):
+            storage_call(storage.set_trial_user_attr, t._trial_id, key, value, retry=False)
+        storage_call(storage.set_trial_state_values, t._trial_id, TrialState.FAIL, retry=False)
         tracker.finish_run(run_id, "failed", error=reason)
         failed.append(t.number)
+        retry = (storage.get_heartbeat_stale_trial_callback()
+                 if is_heartbeat_enabled(storage) else None)
+        if retry is not None:  # Optuna's retry; journal studies retry in the claim instead
+            storage_call(retry, study, storage.get_trial(t._trial_id), retry=False)
     return failed
 
 
@@ -288,6 +323,8 @@ def reconcile(study: optuna.Study, tracker: Tracker, ctx: StudyContext, *,
             continue
         if trial is None or not trial.state.is_finished():
             continue
+        if any(k not in run.data.params for k in trial.params):  # the store was down then
+            tracker.log_missing_params(run_id, trial.params)
         state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(
             trial.state, "failed")
         if run.info.status != RUN_STATUS[state] or tags.get(STATE) != state:

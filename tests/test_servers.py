@@ -1,0 +1,229 @@
+"""Beyond one machine: workers in separate folders (no shared mlruns/) join one study
+through a real PostgreSQL and a real `mlflow server`, as README "Scaling out" sets them up.
+The URLs carry the database password, as a user's would, to check it is never kept or
+shown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+
+from optimsweep import services
+from optimsweep.spec import load_spec
+from records import assert_invariant, finish, load_study, mlflow_runs, wait_until
+
+TrialState = optuna.trial.TrialState
+
+
+def server_sweep(folder: Path, name: str, *, n_trials: int, epochs: int, **extra) -> Path:
+    """A regression sweep with no stores in it: the environment points at the servers."""
+    doc = {"name": name, "task": "regression", "model": "linear", "metric": "val_loss",
+           "sampler": {"name": "random"}, "pruner": {"name": "none"},
+           "budget": {"n_trials": n_trials, "epochs": epochs},
+           "search_space": {
+               "optimizer": {"type": "categorical", "choices": ["sgd", "momentum", "adam"]},
+               "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True},
+               "batch_size": 16},
+           **extra}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class Workers:
+    """`optimsweep sweep FILE` processes, each in its own folder with its own copy of the
+    file, pointed at the servers by the two environment variables."""
+
+    def __init__(self, servers, tmp_path: Path):
+        self.password = Path(servers.folder, "password").read_text().strip()
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                    "OPTIMSWEEP_STORAGE": servers.with_password(servers.storage),
+                    "MLFLOW_TRACKING_URI": servers.tracking_uri.replace(
+                        "//", f"//{services.USER}:{self.password}@")}
+        self.tmp_path = tmp_path
+        self.outputs: list[str] = []
+
+    def spec(self, sweep: Path):
+        spec = load_spec(sweep)
+        spec.storage = self.env["OPTIMSWEEP_STORAGE"]
+        spec.tracking_uri = self.env["MLFLOW_TRACKING_URI"]
+        return spec
+
+    def start(self, folder: str, *args, host: str | None = None) -> subprocess.Popen:
+        cwd = self.tmp_path / folder
+        cwd.mkdir(exist_ok=True)
+        command = [sys.executable, "-m", "optimsweep.cli", *map(str, args)]
+        if host is not None:  # another machine, as far as hostnames tell
+            command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh",
+                       *command]
+        return subprocess.Popen(command, cwd=cwd, env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def finish(self, process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+        code, out, err = finish(process, timeout)
+        self.outputs += [out, err]
+        return code, err
+
+    def run(self, folder: str, *args, timeout: float = 240) -> tuple[int, str]:
+        return self.finish(self.start(folder, *args), timeout)
+
+    def assert_no_password(self, servers) -> None:
+        """Not in any output, nor anywhere in what the servers hold: both databases dumped
+        whole (every tag, param, metric, Optuna attribute) and every artifact file."""
+        dumps = [subprocess.run([services.pg_tool("pg_dump"), servers.database_url(db)], capture_output=True,
+                                check=True).stdout for db in ("optuna", "mlflow")]
+        assert all(b"optimsweep.role" in d or b"trial_user_attributes" in d for d in dumps)
+        files = [p.read_bytes() for p in Path(servers.folder, "artifacts").rglob("*")
+                 if p.is_file()]
+        assert files
+        secret = self.password.encode()
+        assert not [o for o in self.outputs if self.password in o]
+        assert not [d for d in dumps + files if secret in d]
+
+
+def peak_connections(servers, processes, sampled: list) -> None:
+    """Connections to the study database by client, sampled while the workers run."""
+    while any(p.poll() is None for p in processes):
+        sampled.append(services.connections(servers))
+        time.sleep(0.2)
+
+
+def test_four_workers_in_separate_folders_run_one_study_exactly(servers, tmp_path):
+    workers = Workers(servers, tmp_path)
+    files = [server_sweep(tmp_path / f"w{i}", "four", n_trials=16, epochs=2)
+             for i in range(4)]
+    processes = [workers.start(f"w{i}", "sweep", files[i].name, "--no-progress")
+                 for i in range(4)]
+    sampled: list[dict] = []
+    peak_connections(servers, processes, sampled)
+    for p in processes:
+        code, err = workers.finish(p)
+        assert code == 0, err
+
+    spec = workers.spec(files[0])
+    client, children, trials = assert_invariant(spec)
+    assert len(trials) == 16 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) >= 2  # the budget was shared
+    (parent,) = mlflow_runs(spec, "study")[1]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 16
+    assert len(client.search_experiments(filter_string="name = 'four'")) == 1
+
+    # Every state_dict comes back through the server (no shared disk) and loads plainly.
+    fresh = tmp_path / "elsewhere"
+    for run in children:
+        path = client.download_artifacts(run.info.run_id, "state_dict.pt", str(fresh))
+        assert set(torch.load(path, weights_only=True)) == {"weights", "bias"}
+    # No worker held more than its pool of 2 connections to the study database, plus one
+    # while it first opened it.
+    pool = [n for sample in sampled for name, n in sample.items()
+            if name.startswith("optimsweep ")]
+    assert pool and max(pool) <= 2
+    per_pid: list[int] = []
+    for sample in sampled:
+        pids = {name.rsplit(" ", 1)[-1] for name in sample if "optimsweep" in name}
+        per_pid += [sum(n for name, n in sample.items() if name.endswith(" " + pid))
+                    for pid in pids]
+    assert max(per_pid) <= 3
+
+    # export works against the servers from yet another folder.
+    code, err = workers.run("elsewhere", "export", files[0], "--out", "best")
+    assert code == 0, err
+    state = torch.load(tmp_path / "elsewhere" / "best" / "state_dict.pt", weights_only=True)
+    assert state["weights"].numel() == 1
+    assert_invariant(spec)
+    workers.assert_no_password(servers)
+
+
+def test_worker_killed_on_another_host_is_failed_and_retried_within_grace(servers, tmp_path):
+    workers = Workers(servers, tmp_path)
+    beat = {"interval": 1, "grace_period": 3}
+    a = server_sweep(tmp_path / "a", "killed", n_trials=3, epochs=12, heartbeat=beat)
+    b = server_sweep(tmp_path / "b", "killed", n_trials=3, epochs=12, heartbeat=beat)
+    spec = workers.spec(a)
+    doomed = workers.start("b", "sweep", b.name, "--no-progress", host="other-host")
+
+    def doomed_trial_mid_run():
+        for t in load_study(spec).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("host") == "other-host" and len(t.intermediate_values) >= 2:
+                return t
+        return None
+
+    victim = wait_until(doomed_trial_mid_run, timeout=60, what="a trial of the other host")
+    survivor = workers.start("a", "sweep", a.name, "--no-progress")
+    doomed.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    workers.finish(doomed)
+
+    # The survivor's claim finds no heartbeat for the grace period: it fails the trial.
+    failed = wait_until(lambda: load_study(spec).trials[victim.number].state == TrialState.FAIL
+                        and load_study(spec).trials[victim.number], timeout=30,
+                        what="the killed trial to be failed")
+    assert time.monotonic() - killed_at < beat["grace_period"] + 15
+    code, err = workers.finish(survivor)
+    assert code == 0, err
+
+    client, children, trials = assert_invariant(spec)
+    failed = trials[victim.number]
+    assert failed.user_attrs["interrupted"] and "no heartbeat" in failed.user_attrs["error"]
+    run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags["optimsweep.error"]
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert retry.system_attrs["failed_trial"] == victim.number  # Optuna's own retry
+    retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert retry_run.data.tags["optimsweep.retry_of"] == str(victim.number)
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 3 and all(t.state == TrialState.COMPLETE for t in counted)
+    workers.assert_no_password(servers)
+
+
+def test_tracking_server_restarted_then_gone_for_good(servers, tmp_path):
+    """Back within store_timeout: MLflow's retry rides it out and nothing is lost. Gone for
+    longer: the worker stops with one line, its trial uncounted, and the next sweep repairs
+    the records and finishes the budget."""
+    workers = Workers(servers, tmp_path)
+    sweep = server_sweep(tmp_path / "w", "restart", n_trials=3, epochs=5, store_timeout=30)
+    spec = workers.spec(sweep)
+    process = workers.start("w", "sweep", sweep.name, "--no-progress")
+    wait_until(lambda: len(load_study(spec).trials) >= 2, timeout=60, what="a second trial")
+    services.stop_mlflow(servers.folder)  # down while a trial logs its epochs
+    services.start_mlflow(servers)
+    code, err = workers.finish(process)
+    assert code == 0 and "error" not in err, err
+
+    # The same study, 3 more trials, a server that stays away longer than store_timeout.
+    server_sweep(tmp_path / "w", "restart", n_trials=3, epochs=5, store_timeout=3)
+    process = workers.start("w", "sweep", sweep.name, "--no-progress", "--n-trials", 6)
+    wait_until(lambda: len(load_study(spec).trials) >= 5, timeout=60, what="a fifth trial")
+    services.stop_mlflow(servers.folder)
+    try:
+        code, err = workers.finish(process, timeout=60)
+    finally:
+        services.start_mlflow(servers)
+    assert code == 3, err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: tracking store http://optimsweep:***@127.0.0.1")
+    assert "Traceback" not in err
+
+    code, err = workers.run("w", "sweep", sweep.name, "--no-progress", "--n-trials", 6)
+    assert code == 0, err
+    client, children, trials = assert_invariant(spec, n_trials=6)
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
+    assert any(t.user_attrs.get("interrupted") for t in trials)
+    by_id = {r.info.run_id: r for r in children}
+    for t in counted:  # every epoch and the weights of every counted trial made it
+        run_id = t.user_attrs["mlflow_run_id"]
+        assert len(client.get_metric_history(run_id, "val_loss")) == 5
+        assert "state_dict.pt" in [a.path for a in client.list_artifacts(run_id)]
+        assert by_id[run_id].info.status == "FINISHED"
+    workers.assert_no_password(servers)
