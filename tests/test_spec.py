@@ -73,6 +73,19 @@ def test_explicit_when_narrows_a_parameter_further():
 
 
 BAD = {
+    "heartbeat no longer than its grace period": (
+        {"heartbeat": {"interval": 10, "grace_period": 10}},
+        "heartbeat.grace_period: 10 must be longer than the interval (10 s)"),
+    "unknown heartbeat key": ({"heartbeat": {"every": 5}},
+                              "heartbeat.every: unknown key; allowed: interval, grace_period"),
+    "fractional heartbeat": ({"heartbeat": {"interval": 0.5}},
+                             "heartbeat.interval: 0.5 is not an integer"),
+    "store_timeout of zero": ({"store_timeout": 0}, "store_timeout: 0.0 must be > 0"),
+    "storage of an unsupported database": (
+        {"storage": "mysql://root:hunter2@db/optuna"},
+        "storage: mysql://root:***@db/optuna is not allowed; give a journal file path"),
+    "tracking in a plain folder": ({"tracking_uri": "mlruns"},
+                                   "tracking_uri: mlruns is not allowed (MLflow 3 has no plain"),
     "unknown top-level key": ({"trails": 3}, "trails: unknown key; allowed: name,"),
     "unknown parameter": ({"search_space": {"learning_rate": 0.1}},
                           "search_space.learning_rate: unknown key; allowed:"),

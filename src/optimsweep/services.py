@@ -298,8 +298,10 @@ def stop(folder: Path | str = DEFAULT_DIR) -> list[str]:
 def restart_postgres(folder: Path | str) -> None:
     folder = Path(folder).resolve()
     binaries = _pg_bin()
-    _run(_as_server_user([str(binaries / "pg_ctl"), "-D", str(folder / "postgres"), "-m",
-                          "fast", "-w", "restart"]), "pg_ctl restart")
+    # With its log file: else the server would hold our output pipe open, and wait forever.
+    _run(_as_server_user([str(binaries / "pg_ctl"), "-D", str(folder / "postgres"), "-l",
+                          str(folder / "postgres.log"), "-m", "fast", "-w", "restart"]),
+         "pg_ctl restart", timeout=120)
 
 
 def connections(endpoints: Endpoints) -> dict[str, int]:

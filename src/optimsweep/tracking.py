@@ -114,10 +114,14 @@ def _store_call(method):
 
 
 def _unreachable(exc: BaseException | None) -> bool:
+    """The server did not answer (refused, reset mid-answer, timed out): MLflow's retries
+    were spent on it. Not an answer the server gave, such as a missing run."""
     import requests
+    import urllib3
 
     while exc is not None:
-        if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        if isinstance(exc, requests.exceptions.RequestException | urllib3.exceptions.HTTPError
+                      | ConnectionError):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
