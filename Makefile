@@ -37,7 +37,7 @@ browser:
 # PostgreSQL (Optuna's storage) and an MLflow tracking server (records and artifacts) on
 # loopback, for workers on many machines or in many folders: README "Scaling out".
 services: install
-	$(BIN)/optimsweep services start --dir $(SERVICES)
+	$(BIN)/optimsweep services start --dir $(SERVICES) $(ARGS)
 
 services-stop: install
 	$(BIN)/optimsweep services stop --dir $(SERVICES)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 import yaml
 
@@ -145,6 +146,11 @@ def test_four_workers_in_separate_folders_run_one_study_exactly(servers, tmp_pat
 
 
 def test_worker_killed_on_another_host_is_failed_and_retried_within_grace(servers, tmp_path):
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
+        message = "another hostname needs `unshare --uts` (root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     workers = Workers(servers, tmp_path)
     beat = {"interval": 1, "grace_period": 3}
     a = server_sweep(tmp_path / "a", "killed", n_trials=3, epochs=12, heartbeat=beat)
@@ -187,13 +193,11 @@ def test_worker_killed_on_another_host_is_failed_and_retried_within_grace(server
     workers.assert_no_password(servers)
 
 
-def test_tracking_server_restarted_then_gone_for_good(servers, tmp_path):
+def test_tracking_server_and_database_restarted_mid_study_lose_nothing(servers, tmp_path):
     """Back within store_timeout (the tracking server, then PostgreSQL restarted mid-trial):
-    the retries ride it out and nothing is lost. Gone for
-    longer: the worker stops with one line, its trial uncounted, and the next sweep repairs
-    the records and finishes the budget."""
+    the retries ride it out, the sweep ends normally and nothing is lost."""
     workers = Workers(servers, tmp_path)
-    sweep = server_sweep(tmp_path / "w", "restart", n_trials=3, epochs=5, store_timeout=30)
+    sweep = server_sweep(tmp_path / "w", "restart", n_trials=4, epochs=5, store_timeout=30)
     spec = workers.spec(sweep)
     process = workers.start("w", "sweep", sweep.name, "--no-progress")
     wait_until(lambda: len(load_study(spec).trials) >= 2, timeout=60, what="a second trial")
@@ -203,30 +207,10 @@ def test_tracking_server_restarted_then_gone_for_good(servers, tmp_path):
     code, err = workers.finish(process)
     assert code == 0 and "error" not in err, err
 
-    # The same study, 3 more trials, a server that stays away longer than store_timeout.
-    server_sweep(tmp_path / "w", "restart", n_trials=3, epochs=5, store_timeout=3)
-    process = workers.start("w", "sweep", sweep.name, "--no-progress", "--n-trials", 5)
-    wait_until(lambda: len(load_study(spec).trials) >= 4, timeout=60, what="a fourth trial")
-    services.stop_mlflow(servers.folder)
-    try:
-        code, err = workers.finish(process, timeout=60)
-    finally:
-        services.start_mlflow(servers)
-    assert code == 3, err
-    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
-    assert line.startswith("error: tracking store http://optimsweep:***@127.0.0.1")
-    assert "Traceback" not in err
-
-    code, err = workers.run("w", "sweep", sweep.name, "--no-progress", "--n-trials", 5)
-    assert code == 0, err
-    client, children, trials = assert_invariant(spec, n_trials=5)
-    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
-    assert len(counted) == 5 and all(t.state == TrialState.COMPLETE for t in counted)
-    assert any(t.user_attrs.get("interrupted") for t in trials)
-    by_id = {r.info.run_id: r for r in children}
-    for t in counted:  # every epoch and the weights of every counted trial made it
+    client, children, trials = assert_invariant(spec)
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:  # every epoch and the weights of every trial made it
         run_id = t.user_attrs["mlflow_run_id"]
         assert len(client.get_metric_history(run_id, "val_loss")) == 5
         assert "state_dict.pt" in [a.path for a in client.list_artifacts(run_id)]
-        assert by_id[run_id].info.status == "FINISHED"
     workers.assert_no_password(servers)

@@ -81,11 +81,6 @@ def _install_postgresql() -> Path:
         raise ServiceError("PostgreSQL is not installed (Debian: `apt-get install postgresql`, "
                            "as root)")
     print("installing Debian's postgresql ...", file=sys.stderr, flush=True)
-    # Only the binaries: no cluster of Debian's own on port 5432.
-    conf = Path("/etc/postgresql-common/createcluster.conf")
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    if not conf.exists():
-        conf.write_text("create_main_cluster = false\n")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update", "-qq"],
                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"]):
