@@ -249,15 +249,15 @@ def test_a_grid_covers_every_point_once_even_after_an_interrupted_trial(tmp_path
                                                                          monkeypatch):
     """The baseline is one of the points, the interrupted point is run again, and the grid
     ends when every point has its verdict, before the budget of 6."""
-    real_fit = optimsweep.train.fit
+    real_fit = optimsweep.train.fit_group
     calls = iter(range(100))
 
-    def fit_interrupted_once(config, data, on_epoch=None):
+    def fit_interrupted_once(configs, data, on_epoch=None):
         if next(calls) == 1:
             raise KeyboardInterrupt  # what Ctrl-C raises inside fit
-        return real_fit(config, data, on_epoch)
+        return real_fit(configs, data, on_epoch)
 
-    monkeypatch.setattr(optimsweep.train, "fit", fit_interrupted_once)
+    monkeypatch.setattr(optimsweep.train, "fit_group", fit_interrupted_once)
     path = line_sweep(tmp_path, budget={"n_trials": 6, "epochs": 1}, sampler={"name": "grid"},
                       baseline=[{"optimizer": "adam", "batch_size": 64}],
                       search_space={"optimizer": {"type": "categorical",
@@ -319,17 +319,17 @@ def test_any_failure_inside_a_trial_fails_that_trial_and_the_study_goes_on(tmp_p
     """Out of memory and a bad config inside trials 1 and 2 (raised where `fit` would): each
     fails with its reason and traceback on its run; trial 3 runs; the parent run gets its
     counts and plots."""
-    real_fit = optimsweep.train.fit
+    real_fit = optimsweep.train.fit_group
     failures = iter([None, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"),
                      optimsweep.train.ConfigError("device: 'cuda' was asked for"), None])
 
-    def fit_or_fail(config, data, on_epoch=None):
+    def fit_or_fail(configs, data, on_epoch=None):
         failure = next(failures)
         if failure is not None:
             raise failure
-        return real_fit(config, data, on_epoch)
+        return real_fit(configs, data, on_epoch)
 
-    monkeypatch.setattr(optimsweep.train, "fit", fit_or_fail)
+    monkeypatch.setattr(optimsweep.train, "fit_group", fit_or_fail)
     spec = load(line_sweep(tmp_path, budget={"n_trials": 4, "epochs": 2}))
     study = run_sweep(spec, progress=False)
     client, children, trials = assert_invariant(spec)

@@ -19,7 +19,8 @@ import yaml
 
 from optimsweep import services
 from optimsweep.spec import load_spec
-from records import assert_invariant, finish, load_study, mlflow_runs, wait_until
+from optimsweep.tracking import configure_http_retries
+from records import assert_invariant, finish, load_study, mlflow_runs, running_trial, wait_until
 
 TrialState = optuna.trial.TrialState
 
@@ -213,4 +214,61 @@ def test_tracking_server_and_database_restarted_mid_study_lose_nothing(servers, 
         run_id = t.user_attrs["mlflow_run_id"]
         assert len(client.get_metric_history(run_id, "val_loss")) == 5
         assert "state_dict.pt" in [a.path for a in client.list_artifacts(run_id)]
+    workers.assert_no_password(servers)
+
+
+def test_tracking_server_gone_past_store_timeout_stops_worker_then_next_sweep_repairs(
+        servers, tmp_path):
+    """Stopped mid-trial and not back within store_timeout: the worker stops with one line
+    (exit 3) within about store_timeout, its trial failed and uncounted; with the server
+    back, the next sweep repairs the records and finishes the budget exactly."""
+    store_timeout = 3
+    # What an earlier sweep in this process (store_timeout 60, as in-process tests run)
+    # leaves in os.environ, which the worker inherits: it still keeps to its own timeout.
+    configure_http_retries(60)
+    workers = Workers(servers, tmp_path)
+    # A stack dump of every thread on SIGABRT, should the worker not stop in time.
+    workers.env["PYTHONFAULTHANDLER"] = "1"
+    sweep = server_sweep(tmp_path / "w", "gone", n_trials=2, epochs=40,
+                         store_timeout=store_timeout)
+    spec = workers.spec(sweep)
+    process = workers.start("w", "sweep", sweep.name, "--no-progress")
+    try:
+        victim = wait_until(
+            lambda: (t := running_trial(spec)) is not None and len(t.intermediate_values) >= 2
+            and t, timeout=60, what="a trial logging its epochs")
+        services.stop_mlflow(servers.folder)  # mid-trial, and not back in time
+        stopped = time.monotonic()
+        try:
+            code, err = workers.finish(process, timeout=store_timeout + 60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            code, err = workers.finish(process, timeout=30)
+            pytest.fail(f"the worker did not stop within {store_timeout + 60} s:\n{err}")
+        took = time.monotonic() - stopped
+    finally:
+        if process.poll() is None:  # the test failed before it stopped
+            process.kill()
+            process.communicate()
+        services.start_mlflow(servers)  # the session's server, for the tests after this one
+    assert code == 3, err
+    assert took < store_timeout + 30, (took, err)
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert line.startswith("error: tracking store http://optimsweep:***@127.0.0.1"), err
+    trial = load_study(spec).trials[victim.number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["interrupted"]
+    assert "tracking store" in trial.user_attrs["error"]
+
+    code, err = workers.run("w", "sweep", sweep.name, "--no-progress")
+    assert code == 0, err
+    client, children, trials = assert_invariant(spec)
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 2 and all(t.state == TrialState.COMPLETE for t in counted)
+    assert [t.number for t in trials if t.user_attrs.get("interrupted")] == [victim.number]
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["optimsweep.state"] == "failed"
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert len(mlflow_runs(spec, "study")[1]) == 1
     workers.assert_no_password(servers)

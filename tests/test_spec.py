@@ -81,6 +81,11 @@ BAD = {
     "fractional heartbeat": ({"heartbeat": {"interval": 0.5}},
                              "heartbeat.interval: 0.5 is not an integer"),
     "store_timeout of zero": ({"store_timeout": 0}, "store_timeout: 0.0 must be > 0"),
+    "fuse of zero": ({"fuse": 0}, "fuse: 0 is not allowed; choose auto or an integer in [1, 64]"),
+    "fuse by name": ({"fuse": "max"}, "fuse: 'max' is not allowed; choose auto or an integer"),
+    "unknown precision": ({"fixed": {"precision": "fp16"}},
+                          "fixed.precision: precision: 'fp16' is not allowed; choose one of: "
+                          "fp32, bf16, auto"),
     "storage of an unsupported database": (
         {"storage": "mysql://root:hunter2@db/optuna"},
         "storage: mysql://root:***@db/optuna is not allowed; give a journal file path"),

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+import optimsweep.numerics  # noqa: F401  (before any tensor work: see its docstring)
+
 FASHION_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",

@@ -35,7 +35,8 @@ from optimsweep.train import CONDITIONS, CONFIG_DEFAULTS, ConfigError, TrainConf
 
 TOP_LEVEL_KEYS = ("name", "description", "task", "model", "metric", "direction", "seed",
                   "sampler", "pruner", "budget", "storage", "tracking_uri", "data", "fixed",
-                  "search_space", "baseline", "heartbeat", "store_timeout")
+                  "search_space", "baseline", "heartbeat", "store_timeout", "fuse")
+MAX_FUSE = 64
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 DIRECTIONS = ("maximize", "minimize")
 BUDGET_KEYS = ("n_trials", "epochs", "timeout")
@@ -90,6 +91,7 @@ class Spec:
     storage: str | None = None
     tracking_uri: str | None = None
     resilience: Resilience = field(default_factory=Resilience)
+    fuse: int | str = "auto"  # trials trained at once as one model; auto: train.default_fuse
     data: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
     search_space: dict[str, Param] = field(default_factory=dict)
@@ -382,6 +384,11 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
         setattr(spec, key, value)
     _check_store_urls(path, spec)
     spec.resilience = _parse_resilience(path, raw)
+    spec.fuse = raw.get("fuse", "auto")
+    if spec.fuse != "auto" and not (isinstance(spec.fuse, int) and not isinstance(spec.fuse, bool)
+                                    and 1 <= spec.fuse <= MAX_FUSE):
+        raise _fail(path, "fuse", f"{spec.fuse!r} is not allowed; choose auto or an integer "
+                    f"in [1, {MAX_FUSE}] (trials trained at once as one model)")
     spec.sampler = _options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
     spec.pruner = _options(path, "pruner", raw.get("pruner"), PRUNERS, "median")
 

@@ -36,7 +36,7 @@ from optimsweep.storage import (
 )
 from optimsweep.terminal import quiet
 from optimsweep.tracking import HOST, PID, Tracker, configure_http_retries, resolve_tracking_uri
-from optimsweep.trial import reconcile
+from optimsweep.trial import LIVE, reconcile
 from optimsweep.urls import redact, redact_text
 
 log = logging.getLogger("optimsweep")
@@ -290,10 +290,28 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
                 storage_call(study._storage.record_heartbeat, trial._trial_id, retry=False)
             storage_call(trial.set_user_attr, "host", socket.gethostname(), retry=False)
             storage_call(trial.set_user_attr, "pid", os.getpid(), retry=False)
+            LIVE.add(trial._trial_id)  # run_group lets go of it
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     tracker.reopen(ctx.parent_run_id)  # another process may have closed it meanwhile
     return trial
+
+
+def claim_trials(study: optuna.Study, ctx: StudyContext, tracker: Tracker, k: int):
+    """Up to `k` trials, claimed one by one (each under the lock, so the budget holds);
+    None or WAIT as claim_trial says when not even one can be had."""
+    trials = []
+    try:
+        while len(trials) < k:
+            trial = claim_trial(study, ctx, tracker)
+            if trial is None or trial is WAIT:
+                return trials or trial
+            trials.append(trial)
+    except BaseException:
+        for trial in trials:  # never to run: the repair fails them as this process's
+            LIVE.discard(trial._trial_id)
+        raise
+    return trials
 
 
 def _say(message: str) -> None:
@@ -306,12 +324,14 @@ def run_trials(ctx: StudyContext, *, deadline: float | None = None,
                progress: bool = False) -> None:
     """Claim and run trials in this process until the budget is used up or the deadline
     (time.time()) passes. Data is loaded once."""
-    from optimsweep.train import TrainConfig, load_data
-    from optimsweep.trial import run_trial
+    from optimsweep.train import TrainConfig, default_fuse, load_data, resolve_device
+    from optimsweep.trial import run_group
 
     spec = ctx.spec
     _configure_stores(spec)
-    data = load_data(TrainConfig.from_dict(spec.base_config()))
+    base = TrainConfig.from_dict(spec.base_config())
+    data = load_data(base)
+    fuse = default_fuse(resolve_device(base.device)) if spec.fuse == "auto" else spec.fuse
     storage = open_storage(ctx.storage_url)
     tracker = Tracker(ctx.tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage,
@@ -320,15 +340,16 @@ def run_trials(ctx: StudyContext, *, deadline: float | None = None,
     bar = _progress(study, ctx) if progress else None
     try:
         while deadline is None or time.time() < deadline:
-            trial = claim_trial(study, ctx, tracker)
-            if trial is None:
+            trials = claim_trials(study, ctx, tracker, fuse)
+            if trials is None:
                 break
-            if trial is WAIT:
+            if trials is WAIT:
                 time.sleep(min(2.0, RESILIENCE.heartbeat_interval))
                 continue
-            outcome = run_trial(study, trial, ctx, data, tracker)
-            if outcome.state == "failed":
-                _say(f"trial {trial.number} failed: {outcome.error}")
+            for trial, outcome in zip(trials, run_group(study, trials, ctx, data, tracker),
+                                      strict=True):
+                if outcome.state == "failed":
+                    _say(f"trial {trial.number} failed: {outcome.error}")
             if bar is not None:
                 _update(bar, study, ctx)
     finally:

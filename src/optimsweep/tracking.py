@@ -50,7 +50,32 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's own retry of a request to a tracking server, unless the environment sets it.
 _HTTP_RETRY_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT")
-_USER_SET = {var for var in _HTTP_RETRY_VARS if var in os.environ}
+# The values optimsweep itself wrote into them ("VAR=value,..."). Every process started from
+# this one (a worker, a test's `optimsweep` subprocess) inherits os.environ: without this
+# note it would take an earlier sweep's retries (store_timeout 60: six retries, 30 s per
+# attempt, over a minute) for the user's own and ignore its sweep file's store_timeout.
+_WRITTEN = "OPTIMSWEEP_MLFLOW_HTTP_SET"
+_GIVEN_UP_TIMEOUT = 5  # seconds per attempt once the server had its store_timeout
+
+
+def _user_set(environ) -> frozenset[str]:
+    """The retry variables the user set: present, and not as optimsweep wrote them."""
+    written = dict(item.split("=", 1) for item in environ.get(_WRITTEN, "").split(",")
+                   if "=" in item)
+    return frozenset(var for var in _HTTP_RETRY_VARS
+                     if var in environ and environ[var] != written.get(var))
+
+
+_USER_SET = _user_set(os.environ)
+
+
+def _set_http_env(values: dict[str, int]) -> None:
+    """Set the retry variables the user did not, and note them as optimsweep's."""
+    for var, value in values.items():
+        if var not in _USER_SET:
+            os.environ[var] = str(value)
+    os.environ[_WRITTEN] = ",".join(f"{var}={os.environ[var]}" for var in _HTTP_RETRY_VARS
+                                    if var in os.environ and var not in _USER_SET)
 
 
 def configure_http_retries(seconds: float) -> None:
@@ -61,10 +86,7 @@ def configure_http_retries(seconds: float) -> None:
     while 2 ** retries - 2 < seconds and retries < 10:
         retries += 1
     timeout = max(5, min(60, int(seconds / 2)))  # per attempt, for a server that hangs
-    for var, value in zip(_HTTP_RETRY_VARS, (retries, 1, timeout),
-                          strict=True):
-        if var not in _USER_SET:
-            os.environ[var] = str(value)
+    _set_http_env(dict(zip(_HTTP_RETRY_VARS, (retries, 1, timeout), strict=True)))
 
 
 def resolve_tracking_uri(spec_uri: str | None = None) -> str:
@@ -129,9 +151,10 @@ def _unreachable(exc: BaseException | None) -> bool:
 
 def _stop_retrying() -> None:
     """The server had its time once: this process's remaining calls (closing the run, the
-    study's summary) fail at once, so the worker stops within one store_timeout."""
-    if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in _USER_SET:
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    study's summary) are tried once, for a few seconds each, so the worker stops within
+    about one store_timeout even when the server hangs rather than refuses."""
+    _set_http_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0,
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": _GIVEN_UP_TIMEOUT})  # ours are never less
 
 
 class Tracker:

@@ -15,7 +15,7 @@ import os
 import socket
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,8 +38,8 @@ from optimsweep.train import DivergedError, TrainConfig
 if TYPE_CHECKING:
     from optimsweep.study import StudyContext
 
-# Trials this process is running now (by storage id): a RUNNING trial that claims this
-# process but is not here was left behind by an earlier command in the same process.
+# Trials this process has claimed and not yet closed (by storage id): a RUNNING trial that
+# names this process but is not here was left behind by an earlier command in it.
 LIVE: set[int] = set()
 INTERRUPTED = "interrupted: Ctrl-C or SIGTERM"
 STATE_OF = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
@@ -64,6 +64,21 @@ class Outcome:
         vars(self).update(vars(Outcome(**how)))
 
 
+def _record_failure(outcome: Outcome, exc: BaseException) -> bool:
+    """Record how `exc` ended a trial or run; True when it must go on up and stop the sweep
+    (Ctrl-C/SIGTERM, a store failure). Anything else is the trial's own failure: counted,
+    with its traceback."""
+    if isinstance(exc, KeyboardInterrupt):
+        outcome.end()  # failed, interrupted, not counted
+        return True
+    if isinstance(exc, StoreError):
+        outcome.end(error=str(exc))
+        return True
+    outcome.end(error=describe(exc), traceback="".join(traceback.format_exception(exc)),
+                counted=True)
+    return False
+
+
 @contextmanager
 def owned_run(tracker: Tracker, run_id: str,
               before_close: Callable[[Outcome], None] | None = None) -> Iterator[Outcome]:
@@ -74,16 +89,10 @@ def owned_run(tracker: Tracker, run_id: str,
     outcome, propagating = Outcome(), False
     try:
         yield outcome
-    except KeyboardInterrupt:
-        outcome.end()  # failed, interrupted, not counted
-        propagating = True
-        raise
-    except StoreError as exc:
-        outcome.end(error=str(exc))
-        propagating = True
-        raise
-    except Exception as exc:  # the trial's own failure: recorded, and the study goes on
-        outcome.end(error=describe(exc), traceback=traceback.format_exc(), counted=True)
+    except (KeyboardInterrupt, Exception) as exc:
+        propagating = _record_failure(outcome, exc)
+        if propagating:
+            raise
     finally:
         problems = []
         for close in (before_close, lambda o: tracker.finish_run(run_id, o.state, o.error,
@@ -133,48 +142,151 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, tracker: T
         raise
 
 
+@dataclass
+class _Member:
+    """A claimed trial inside a group: its run, its config (or why it has none), its end."""
+
+    trial: optuna.Trial
+    config: TrainConfig | None = None
+    problem: Exception | None = None
+    run_id: str = ""
+    outcome: Outcome | None = None
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
               tracker: Tracker) -> Outcome:
-    """Run one claimed trial of the study from its run's creation to both records closed."""
+    """Run one claimed trial from its run's creation to both records closed."""
+    return run_group(study, [trial], ctx, data, tracker)[0]
+
+
+def run_group(study: optuna.Study, trials: list[optuna.Trial], ctx: StudyContext, data,
+              tracker: Tracker) -> list[Outcome]:
+    """Run claimed trials, fused where their configs can share batches (see
+    train.group_key), each from its run's creation to both records closed. Returns their
+    outcomes in order. Ctrl-C or a store failure closes every member's run and goes on up."""
+    try:
+        return _run_groups(study, trials, ctx, data, tracker)
+    finally:  # whatever did not run is now a stale trial of this process, for the repair
+        for trial in trials:
+            LIVE.discard(trial._trial_id)
+
+
+def _run_groups(study: optuna.Study, trials: list[optuna.Trial], ctx: StudyContext, data,
+                tracker: Tracker) -> list[Outcome]:
     from optimsweep.space import suggest_config
 
+    members = [_Member(t) for t in trials]
+    for member in members:  # recorded in Optuna now; on the run once it exists
+        try:
+            member.config = suggest_config(member.trial, ctx.spec)
+        except StoreError:
+            raise  # nothing runs yet: the next claim fails these trials as stale
+        except Exception as exc:  # noqa: BLE001  (this trial's failure, given its run below)
+            member.problem = exc
+    groups: dict[tuple, list[_Member]] = {}
+    for member in members:
+        key = (train.group_key(member.config) if member.config is not None
+               else ("failed", member.trial.number))
+        groups.setdefault(key, []).append(member)
+    stopping = None
+    for group in groups.values():
+        try:
+            _run_fused(study, group, ctx, data, tracker)
+        except StoreError as exc:  # every member is closed; the rest never start
+            stopping = stopping or exc
+            break
+    for member in members:
+        if member.outcome is None:  # a later group that never ran: its trial stays
+            member.outcome = Outcome(error=str(stopping))  # RUNNING for the repair
+    if stopping is not None:
+        raise stopping
+    return [m.outcome for m in members]
+
+
+def _run_fused(study: optuna.Study, group: list[_Member], ctx: StudyContext, data,
+               tracker: Tracker) -> None:
+    """One group's lives: runs started, configs fitted as one fused group, each trial told
+    and its run closed in the same state (owned_run), whatever ends it."""
     spec = ctx.spec
-    LIVE.add(trial._trial_id)
+    stopping: list[BaseException] = []
     try:
-        # Until this run exists the trial stays RUNNING: if we die here, reconcile gives it
-        # a run and fails it, so no finished trial is ever without one.
-        retry_of = trial.user_attrs.get("retry_of")
-        run_id = tracker.start_run(
-            ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
-            tags={"optimsweep.device": str(data.device),
-                  **({"optimsweep.retry_of": str(retry_of)} if retry_of is not None else {})})
-        storage_call(trial.set_user_attr, "mlflow_run_id", run_id)
-        with heartbeat(study._storage, trial._trial_id), \
-                owned_run(tracker, run_id,
-                          lambda o: _tell(study, trial, o, tracker, run_id)) as outcome:
-            config = suggest_config(trial, spec)
-            tracker.log_config(run_id, config, trial.params)
-
-            def on_epoch(stats) -> bool:
-                value = getattr(stats, spec.metric)
-                if not math.isfinite(value):
-                    raise DivergedError(stats.epoch, 0, value, what=spec.metric)
-                storage_call(trial.report, value, stats.epoch)
-                # After the last epoch there is nothing left to save by pruning.
-                return stats.epoch < config.epochs and storage_call(trial.should_prune)
-
-            result = _fit_logged(tracker, run_id, config, data, on_epoch)
-            for key, value in (("test_loss", result.test_loss),
-                               ("test_accuracy", result.test_accuracy),
-                               ("epochs_run", len(result.history))):
-                if value is not None:
-                    storage_call(trial.set_user_attr, key, value)
-            outcome.end(state="pruned" if result.stopped_early else "complete",
-                             value=getattr(result.final, spec.metric), error=None,
-                             counted=True, test_accuracy=result.test_accuracy)
-        return outcome
+        with ExitStack() as lives:
+            for member in group:
+                trial = member.trial
+                # Until this run exists the trial stays RUNNING: if we die here, reconcile
+                # gives it a run and fails it, so no finished trial is ever without one.
+                retry_of = trial.user_attrs.get("retry_of")
+                member.run_id = tracker.start_run(
+                    ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
+                    tags={"optimsweep.device": str(data.device),
+                          "optimsweep.fused": str(len(group)),  # members of its group
+                          **({"optimsweep.precision": train.resolve_precision(
+                              member.config.precision, data.device)}
+                             if member.config is not None else {}),
+                          **({"optimsweep.retry_of": str(retry_of)}
+                             if retry_of is not None else {})})
+                storage_call(trial.set_user_attr, "mlflow_run_id", member.run_id)
+                lives.enter_context(heartbeat(study._storage, trial._trial_id))
+                member.outcome = lives.enter_context(owned_run(
+                    tracker, member.run_id,
+                    lambda o, t=trial, r=member.run_id: _tell(study, t, o, tracker, r)))
+            fitting = []
+            for member in group:
+                try:
+                    if member.problem is not None:
+                        raise member.problem
+                    tracker.log_config(member.run_id, member.config, member.trial.params)
+                    fitting.append(member)
+                except Exception as exc:  # noqa: BLE001
+                    if _record_failure(member.outcome, exc):
+                        stopping.append(exc)
+            try:
+                results = train.fit_group([m.config for m in fitting], data,
+                                          [_watch(study, m, ctx, tracker) for m in fitting])
+            except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the whole group's)
+                results = [exc] * len(fitting)
+            for member, result in zip(fitting, results, strict=True):
+                try:
+                    if isinstance(result, Exception):
+                        raise result
+                    _finish(member, result, spec.metric, tracker)
+                except Exception as exc:  # noqa: BLE001
+                    if _record_failure(member.outcome, exc):
+                        stopping.append(exc)
     finally:
-        LIVE.discard(trial._trial_id)
+        for member in group:  # its records are closed: nothing of it runs here any more
+            LIVE.discard(member.trial._trial_id)
+    if stopping:
+        raise stopping[0]
+
+
+def _watch(study: optuna.Study, member: _Member, ctx: StudyContext, tracker: Tracker):
+    """The member's on_epoch: log the epoch, report it to Optuna, ask the pruner."""
+    trial, config, metric = member.trial, member.config, ctx.spec.metric
+
+    def on_epoch(stats) -> bool:
+        signals.check()  # a Ctrl-C whose first raise Python dropped stops here
+        tracker.log_epoch(member.run_id, stats)
+        value = getattr(stats, metric)
+        if not math.isfinite(value):
+            raise DivergedError(stats.epoch, 0, value, what=metric)
+        storage_call(trial.report, value, stats.epoch)
+        # After the last epoch there is nothing left to save by pruning.
+        return stats.epoch < config.epochs and storage_call(trial.should_prune)
+
+    return on_epoch
+
+
+def _finish(member: _Member, result, metric: str, tracker: Tracker) -> None:
+    tracker.log_result(member.run_id, result)
+    for key, value in (("test_loss", result.test_loss),
+                       ("test_accuracy", result.test_accuracy),
+                       ("epochs_run", len(result.history))):
+        if value is not None:
+            storage_call(member.trial.set_user_attr, key, value)
+    member.outcome.end(state="pruned" if result.stopped_early else "complete",
+                       value=getattr(result.final, metric), error=None, counted=True,
+                       test_accuracy=result.test_accuracy)
 
 
 def run_confirmation(tracker: Tracker, ctx: StudyContext, trial_number: int,

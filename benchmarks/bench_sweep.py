@@ -1,0 +1,164 @@
+"""Trials per hour: the sweep-level benchmark (`make bench`). Everything side by side in one run.
+
+1. Trial-epochs per second on the full 50k training images at batch 64, for configurations
+   drawn from the default study's search space: the sequential core (a group of one) against
+   fused groups of K = 4, 8 and 16, each in fp32 and bf16. Variants run interleaved in rounds
+   (this machine's speed drifts over minutes) and ratios are taken within each round.
+2. Adam against SGD: seconds per epoch over 15 epochs at batch 64 (denormals flushed, as the
+   core runs), epoch by epoch, so a slowdown that grows with training shows.
+3. The default study end to end (`sweeps/fashion_mnist.yaml`, its 30 trials x 15 epochs) with
+   `fuse: auto`, in a temporary folder: seconds, and the best trial's test accuracy.
+
+Usage: python benchmarks/bench_sweep.py [--device cpu|cuda] [--rounds 2] [--skip-study]
+       [--ks 1,4,8,16] [--train-images N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from optimsweep.data import load_fashion_mnist, prepare_fashion_mnist
+from optimsweep.space import suggest_config
+from optimsweep.spec import load_spec
+from optimsweep.train import TrainConfig, default_fuse, fit, fit_group, resolve_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STUDY = ROOT / "sweeps" / "fashion_mnist.yaml"
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def machine(device: torch.device) -> str:
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == (platform.processor() or
+                                                             "unknown CPU"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    text = (f"CPU: {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+            f"flags: {' '.join(f for f in FLAGS if f in flags) or 'none of ' + ', '.join(FLAGS)}")
+    if device.type == "cuda":
+        text += f"\nGPU: {torch.cuda.get_device_name(device)}"
+    return text + f"\ntorch {torch.__version__}, Python {platform.python_version()}"
+
+
+def study_configs(n: int, batch_size: int, device: str) -> list[TrainConfig]:
+    """n configurations as the default study's sampler would draw them (random phase), at
+    one batch size so that they can share batches."""
+    spec = load_spec(DEFAULT_STUDY)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    configs = []
+    while len(configs) < n:
+        config = suggest_config(study.ask(), spec)
+        config.batch_size, config.epochs, config.device = batch_size, 1, device
+        configs.append(config)
+    return configs
+
+
+def trial_epochs_per_second(configs: list[TrainConfig], precision: str, data) -> float:
+    for config in configs:
+        config.precision = precision
+    start = time.perf_counter()
+    results = fit_group(configs, data)
+    seconds = time.perf_counter() - start  # one epoch of every member, evaluation included
+    if any(isinstance(r, Exception) for r in results):  # a diverged member still trained
+        pass
+    return len(configs) / seconds
+
+
+def fused_table(data, device: torch.device, ks: list[int], rounds: int) -> None:
+    precisions = ["fp32", "bf16"]
+    variants = [(k, p) for k in ks for p in precisions]
+    configs = study_configs(max(ks), 64, device.type)
+    fit_group(configs[:2], data)  # warm-up: allocator, thread pool, vmap's first trace
+    rows = []
+    print(f"\n1. trial-epochs per second, batch 64, {len(data.train_y)} training images "
+          f"(+{len(data.val_y)} validated), default-study configurations")
+    print(f"{'round':>5} " + " ".join(f"{f'K={k} {p}':>12}" for k, p in variants))
+    for r in range(1, rounds + 1):
+        row = {v: trial_epochs_per_second([TrainConfig(**vars(c)) for c in configs[:v[0]]],
+                                          v[1], data) for v in variants}
+        rows.append(row)
+        print(f"{r:>5} " + " ".join(f"{row[v]:12.3f}" for v in variants))
+    base = (1, "fp32") if 1 in ks else variants[0]
+    print(f"\nmedian of per-round ratios against the sequential core ({base[0]} member, "
+          f"{base[1]}):")
+    for v in variants:
+        ratio = statistics.median(row[v] / row[base] for row in rows)
+        print(f"  K={v[0]:<3} {v[1]}: {statistics.median(row[v] for row in rows):7.3f} "
+              f"trial-epochs/s  = {ratio:5.2f}x")
+
+
+def adam_against_sgd(data, device: torch.device, epochs: int) -> None:
+    print(f"\n2. seconds per epoch over {epochs} epochs, batch 64 (training + validation)")
+    runs = {}
+    for optimizer, lr in (("sgd", 1e-2), ("adam", 7.7e-3)):  # the issue's slow Adam trial
+        config = TrainConfig(optimizer=optimizer, lr=lr, batch_size=64, epochs=epochs,
+                             device=device.type)
+        runs[optimizer] = fit(config, data)
+    sgd = [s.seconds for s in runs["sgd"].history]
+    adam = [s.seconds for s in runs["adam"].history]
+    print("  epoch " + " ".join(f"{e:>5}" for e in range(1, epochs + 1)))
+    print("  sgd   " + " ".join(f"{s:5.2f}" for s in sgd))
+    print("  adam  " + " ".join(f"{s:5.2f}" for s in adam))
+    print(f"  total: sgd {sum(sgd):.1f} s, adam {sum(adam):.1f} s: adam/sgd = "
+          f"{sum(adam) / sum(sgd):.2f}x (last epoch {adam[-1] / sgd[-1]:.2f}x); test accuracy "
+          f"sgd {runs['sgd'].test_accuracy:.2%}, adam {runs['adam'].test_accuracy:.2%}")
+
+
+def default_study(device: torch.device) -> None:
+    print(f"\n3. the default study end to end ({DEFAULT_STUDY.name}, fuse: auto = "
+          f"{default_fuse(device)}, precision fp32)")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "optimsweep.cli", "sweep",
+                               str(DEFAULT_STUDY), "--no-progress", "--timeout", "3600"],
+                              cwd=tmp, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            print(f"  failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+            return
+        best = subprocess.run([sys.executable, "-m", "optimsweep.cli", "best",
+                               str(DEFAULT_STUDY), "--top", "1"], cwd=tmp,
+                              capture_output=True, text=True)
+    print(f"  {seconds:.0f} s for the sweep (process start and data loading included)")
+    print("  " + "\n  ".join(best.stdout.strip().splitlines()[:6]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ks", default="1,4,8,16")
+    parser.add_argument("--epochs", type=int, default=15, help="for Adam against SGD")
+    parser.add_argument("--train-images", type=int, default=None)
+    parser.add_argument("--skip-study", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(machine(device))
+    print(f"precision auto here: {resolve_precision('auto', device)}; fuse auto here: "
+          f"{default_fuse(device)}")
+    prepare_fashion_mnist()
+    data = load_fashion_mnist(device=device, train_subset=args.train_images)
+    fused_table(data, device, [int(k) for k in args.ks.split(",")], args.rounds)
+    adam_against_sgd(data, device, args.epochs)
+    if not args.skip_study:
+        default_study(device)
+
+
+if __name__ == "__main__":
+    main()
