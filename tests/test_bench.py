@@ -1,4 +1,5 @@
-"""`make bench` is a script, not a test of speed: here it only has to run and report."""
+"""`make bench` and `make bench-core` are scripts, not tests of speed: here they only have to
+run and report."""
 
 from __future__ import annotations
 
@@ -7,14 +8,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_core.py"
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def test_bench_runs_every_loop_side_by_side_and_prints_each_ratio():
-    out = subprocess.run(
-        [sys.executable, str(BENCH), "--rounds", "2", "--train-images", "1280"],
-        capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
+def run(script: str, *args: str) -> str:
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
+                          capture_output=True, text=True, timeout=300, check=True).stdout
+
+
+def test_bench_sweep_prints_the_machine_and_every_fused_ratio_side_by_side():
+    out = run("bench_sweep.py", "--rounds", "1", "--ks", "1,2", "--epochs", "2",
+              "--train-images", "640", "--skip-study")
+    assert re.search(r"^CPU: .+, \d+ cores, torch threads \d+; flags: ", out, re.M), out
+    assert re.search(r"^precision auto here: (fp32|bf16); fuse auto here: \d+$", out, re.M)
+    ratios = dict(re.findall(r"K=(\d+ +\w+):.*= +([\d.]+)x", out))
+    assert set(ratios) == {"1   fp32", "1   bf16", "2   fp32", "2   bf16"}, out
+    assert ratios["1   fp32"] == "1.00" and all(float(r) > 0 for r in ratios.values())
+    assert re.search(r"adam/sgd = [\d.]+x", out), out
+
+
+def test_bench_core_runs_every_loop_side_by_side_and_prints_each_ratio():
+    out = run("bench_core.py", "--rounds", "2", "--train-images", "1280")
     assert "train images: 1280" in out
     rounds = [line for line in out.splitlines() if re.match(r"\s+[12] ", line)]
     assert len(rounds) == 2, out

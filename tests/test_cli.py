@@ -26,10 +26,11 @@ def test_train_reads_a_config_file_and_flags_override_it(capsys, tmp_path):
 
 
 def test_bad_value_exits_2_naming_field_and_choices(capsys):
-    code = main(["train", "--optimizer", "rmsprop"])
+    code = main(["train", "--optimizer", "lbfgs"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "optimizer: 'rmsprop' is not allowed; choose one of: sgd, momentum, adam" in err
+    assert ("optimizer: 'lbfgs' is not allowed; choose one of: sgd, momentum, adam, adamw, "
+            "rmsprop") in err
 
 
 @pytest.mark.parametrize("flags, message", [

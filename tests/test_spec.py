@@ -105,8 +105,9 @@ BAD = {
     "non-positive lr": ({"search_space": {"lr": {"type": "float", "low": 0, "high": 0.1}}},
                         "search_space.lr.low: lr: 0.0 is out of range; must be a number > 0"),
     "unknown optimizer": ({"search_space": {"optimizer": {"type": "categorical",
-                                                          "choices": ["sgd", "adamw"]}}},
-                          "optimizer: 'adamw' is not allowed; choose one of: sgd, momentum, adam"),
+                                                          "choices": ["sgd", "lbfgs"]}}},
+                          "optimizer: 'lbfgs' is not allowed; choose one of: sgd, momentum, "
+                          "adam, adamw, rmsprop"),
     "empty choices": ({"search_space": {"optimizer": {"type": "categorical", "choices": []}}},
                       "search_space.optimizer.choices: expected a non-empty list"),
     "batch size below 1": ({"search_space": {"batch_size": {"type": "int", "low": 0,

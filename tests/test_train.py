@@ -108,7 +108,7 @@ def test_exploding_learning_rate_raises_diverged(fashion_small):
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
-        ("optimizer", "adamw", "sgd, momentum, adam"),
+        ("optimizer", "lbfgs", "sgd, momentum, adam, adamw, rmsprop"),
         ("scheduler", "warmup", "none, step, plateau, cosine"),
         ("task", "cifar", "fashion_mnist, regression"),
         ("model", "resnet", "mlp, cnn"),
@@ -146,6 +146,10 @@ def test_conditional_params_only_where_they_apply():
     assert "momentum" not in sgd and "beta1" not in sgd and "step_size" not in sgd
     assert momentum["momentum"] == 0.9 and "gamma" in momentum and "beta1" not in momentum
     assert "beta2" in adam and "patience" in adam and "momentum" not in adam
+    adamw = TrainConfig(optimizer="adamw").active_params()
+    rmsprop = TrainConfig(optimizer="rmsprop").active_params()
+    assert "beta1" in adamw and "alpha" not in adamw and "weight_decay" in adamw
+    assert rmsprop["alpha"] == 0.99 and "beta1" not in rmsprop and "momentum" not in rmsprop
 
 
 def test_auto_device_is_cuda_only_when_present(line):

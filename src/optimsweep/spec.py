@@ -289,19 +289,21 @@ def _check_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
 
 
 def _add_implied_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
-    """momentum only for momentum SGD, betas only for Adam, ...: the core's own CONDITIONS."""
+    """momentum only for momentum SGD, betas only for Adam and AdamW, ...: the core's own
+    CONDITIONS, narrowed to the parent's possible values (so a study's fingerprint does not
+    change when the core learns a new optimizer)."""
     for name, param in space.items():
         if name not in CONDITIONS:
             continue
-        parent, value = CONDITIONS[name]
-        param.when.setdefault(parent, (value,))
+        parent, values = CONDITIONS[name]
         if parent in space:
             possible = space[parent].distribution.choices
         else:
             possible = (fixed.get(parent, CONFIG_DEFAULTS[parent]),)
+        param.when.setdefault(parent, tuple(v for v in values if v in possible) or values)
         if not set(param.when[parent]) & set(possible):
             raise _fail(path, f"search_space.{name}", f"never applies: it is used only when "
-                        f"{parent} is {value}, and {parent} can only be "
+                        f"{parent} is {' or '.join(values)}, and {parent} can only be "
                         f"{', '.join(map(str, possible))}")
 
 
