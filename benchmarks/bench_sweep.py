@@ -3,7 +3,8 @@
 1. Trial-epochs per second on the full 50k training images at batch 64, for configurations
    drawn from the default study's search space: the sequential core (a group of one) against
    fused groups of K = 4, 8 and 16, each in fp32 and bf16. Variants run interleaved in rounds
-   (this machine's speed drifts over minutes) and ratios are taken within each round.
+   (this machine's speed drifts over minutes), each in a fresh process, and ratios are taken
+   within each round.
 2. Adam against SGD: seconds per epoch over 15 epochs at batch 64 (denormals flushed, as the
    core runs), epoch by epoch, so a slowdown that grows with training shows.
 3. The default study end to end (`sweeps/fashion_mnist.yaml`, its 30 trials x 15 epochs) with
@@ -28,7 +29,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from optimsweep.data import load_fashion_mnist, prepare_fashion_mnist
+from optimsweep.data import Dataset, load_fashion_mnist, prepare_fashion_mnist
 from optimsweep.space import suggest_config
 from optimsweep.spec import load_spec
 from optimsweep.train import TrainConfig, default_fuse, fit, fit_group, resolve_precision
@@ -77,18 +78,38 @@ def trial_epochs_per_second(configs: list[TrainConfig], precision: str, data) ->
     return len(configs) / (time.perf_counter() - start)  # evaluation included
 
 
-def fused_table(data, device: torch.device, ks: list[int], rounds: int) -> None:
+def measure_one(k: int, precision: str, device: torch.device, train_images: int | None) -> None:
+    """One variant in a process of its own, printing its trial-epochs per second. In one
+    long process the sequential core measured up to 1.8x slower right after a K = 16 group
+    than at the start (the heap that group left behind), which no sweep of one batch size
+    would see: a fresh process per measurement gives every variant the same start."""
+    data = load_fashion_mnist(device=device, train_subset=train_images)
+    configs = study_configs(k, 64, device.type)
+    few = Dataset(*(getattr(data, f)[:640] for f in Dataset._tensor_fields()),
+                  num_classes=data.num_classes, split_seed=data.split_seed)
+    fit_group([TrainConfig(**vars(c)) for c in configs[:2]], few)  # warm-up: vmap, threads
+    print(trial_epochs_per_second(configs, precision, data))
+
+
+def fused_table(data, device: torch.device, ks: list[int], rounds: int,
+                train_images: int | None) -> None:
     precisions = ["fp32", "bf16"]
     variants = [(k, p) for k in ks for p in precisions]
-    configs = study_configs(max(ks), 64, device.type)
-    fit_group(configs[:2], data)  # warm-up: allocator, thread pool, vmap's first trace
     rows = []
     print(f"\n1. trial-epochs per second, batch 64, {len(data.train_y)} training images "
-          f"(+{len(data.val_y)} validated), default-study configurations")
+          f"(+{len(data.val_y)} validated), default-study configurations; each measurement "
+          "in a fresh process")
     print(f"{'round':>5} " + " ".join(f"{f'K={k} {p}':>12}" for k, p in variants))
+
+    def one(k: int, precision: str) -> float:
+        args = [sys.executable, __file__, "--one", f"{k},{precision}", "--device", device.type]
+        if train_images:
+            args += ["--train-images", str(train_images)]
+        out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        return float(out.split()[-1])
+
     for r in range(1, rounds + 1):
-        row = {v: trial_epochs_per_second([TrainConfig(**vars(c)) for c in configs[:v[0]]],
-                                          v[1], data) for v in variants}
+        row = {v: one(*v) for v in variants}
         rows.append(row)
         print(f"{r:>5} " + " ".join(f"{row[v]:12.3f}" for v in variants))
     base = (1, "fp32") if 1 in ks else variants[0]
@@ -144,14 +165,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15, help="for Adam against SGD")
     parser.add_argument("--train-images", type=int, default=None)
     parser.add_argument("--skip-study", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # K,precision: one measurement
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.one:
+        k, precision = args.one.split(",")
+        measure_one(int(k), precision, device, args.train_images)
+        return
     print(machine(device))
     print(f"precision auto here: {resolve_precision('auto', device)}; fuse auto here: "
           f"{default_fuse(device)}")
     prepare_fashion_mnist()
     data = load_fashion_mnist(device=device, train_subset=args.train_images)
-    fused_table(data, device, [int(k) for k in args.ks.split(",")], args.rounds)
+    fused_table(data, device, [int(k) for k in args.ks.split(",")], args.rounds,
+                args.train_images)
     adam_against_sgd(data, device, args.epochs)
     if not args.skip_study:
         default_study(device)

@@ -16,22 +16,24 @@ def run(script: str, *args: str) -> str:
                           capture_output=True, text=True, timeout=300, check=True).stdout
 
 
-def test_bench_sweep_prints_the_machine_and_every_fused_ratio_side_by_side():
-    out = run("bench_sweep.py", "--rounds", "1", "--ks", "1,2", "--epochs", "2",
+def test_bench_sweep_prints_the_machine_and_each_variants_ratio():
+    """(Fused groups of K > 1 are the same table rows; each variant is a process of its
+    own, so the test keeps to K = 1.)"""
+    out = run("bench_sweep.py", "--rounds", "1", "--ks", "1", "--epochs", "2",
               "--train-images", "640", "--skip-study")
     assert re.search(r"^CPU: .+, \d+ cores, torch threads \d+; flags: ", out, re.M), out
     assert re.search(r"^precision auto here: (fp32|bf16); fuse auto here: \d+$", out, re.M)
     ratios = dict(re.findall(r"K=(\d+ +\w+):.*= +([\d.]+)x", out))
-    assert set(ratios) == {"1   fp32", "1   bf16", "2   fp32", "2   bf16"}, out
+    assert set(ratios) == {"1   fp32", "1   bf16"}, out
     assert ratios["1   fp32"] == "1.00" and all(float(r) > 0 for r in ratios.values())
     assert re.search(r"adam/sgd = [\d.]+x", out), out
 
 
 def test_bench_core_runs_every_loop_side_by_side_and_prints_each_ratio():
-    out = run("bench_core.py", "--rounds", "2", "--train-images", "1280")
+    out = run("bench_core.py", "--rounds", "1", "--train-images", "1280")
     assert "train images: 1280" in out
-    rounds = [line for line in out.splitlines() if re.match(r"\s+[12] ", line)]
-    assert len(rounds) == 2, out
+    rounds = [line for line in out.splitlines() if re.match(r"\s+1 ", line)]
+    assert len(rounds) == 1, out
     speedup = re.search(r"speed-up over the tutorial at batch 64: ([\d.]+)x", out)
     ceiling = re.search(r"matmuls alone would give ([\d.]+)x", out)
     roofline = re.search(r"share of the matmul roofline .*: ([\d.]+)%", out)
