@@ -7,11 +7,14 @@ down) raises StoreError naming the store, so callers can tell it from a trial's 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -118,13 +121,30 @@ def _initialize_mlflow_db(url: str) -> None:
         engine.dispose()
 
 
+@contextlib.contextmanager
+def _signals_held(hold: bool):
+    """Ctrl-C and SIGTERM wait until the block is done. A KeyboardInterrupt raised inside a
+    SQLite write can leave its transaction open and the database locked, so this process's
+    next writes (closing the runs) wait out the busy timeout and fail. Local SQLite calls
+    are short; a tracking server's are not held (a request cut short changes nothing)."""
+    if not hold or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _store_call(method):
     """Turn any failure of the store into a StoreError that names the store."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         try:
-            return method(self, *args, **kwargs)
+            with _signals_held(self.uri.startswith("sqlite")):
+                return method(self, *args, **kwargs)
         except StoreError:
             raise
         except Exception as exc:
