@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import test_train
 from optimsweep.train import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -26,10 +27,8 @@ from optimsweep.train import (
 
 
 def line_config(**overrides) -> TrainConfig:
-    values = dict(task="regression", model="linear", optimizer="sgd", lr=0.01, batch_size=32,
-                  epochs=8, device="cpu")
-    values.update(overrides)
-    return TrainConfig(**values)
+    """test_train's seed line, shorter and on the CPU, where fused and alone can match."""
+    return test_train.line_config(**{"epochs": 8, "device": "cpu", **overrides})
 
 
 def mlp_config(**overrides) -> TrainConfig:

@@ -8,8 +8,10 @@ claim, the parent's wait for its workers) raises it again if it was lost.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import threading
 
 _received: int | None = None
 
@@ -50,6 +52,20 @@ def stop_on_signals(*, once: bool = False) -> None:
             default_hook(info)
 
     sys.unraisablehook = unraisable
+
+
+@contextlib.contextmanager
+def held():
+    """Ctrl-C and SIGTERM wait until the block is done (they are delivered as it ends), for
+    steps a KeyboardInterrupt must not cut in half. Only the main thread receives them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def check() -> None:

@@ -79,8 +79,8 @@ class ModelStack:
     def zero_grad(self) -> None:
         for tensor in self.stacked.values():
             tensor.grad = None
-        for model in self.models:
-            for p in model.parameters():
+        if not self.fused:  # a fused member's gradients are set by share_grads each step
+            for p in self.models[0].parameters():
                 p.grad = None
 
     def share_grads(self) -> None:

@@ -22,6 +22,7 @@ from optimsweep.report import counted_trials, log_summary
 from optimsweep.samplers import build_pruner, build_sampler, grid_space, sampler_seed
 from optimsweep.signals import Interrupted, stop_on_signals
 from optimsweep.signals import check as check_signals
+from optimsweep.signals import held as held_signals
 from optimsweep.spec import NAME_PATTERN, Spec, SpecError, load_spec, parse_spec
 from optimsweep.storage import (
     RESILIENCE,
@@ -280,8 +281,7 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
         fixed_order = spec.sampler.get("name") in ("grid", "qmc")
         seed = spec.seed if fixed_order else sampler_seed(spec.seed, len(trials))
         study.sampler = build_sampler(spec, seed=seed)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with held_signals():
             if pending is not None:
                 storage_call(study.enqueue_trial, pending[0], user_attrs=pending[1],
                              retry=False)
@@ -291,8 +291,6 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
             storage_call(trial.set_user_attr, "host", socket.gethostname(), retry=False)
             storage_call(trial.set_user_attr, "pid", os.getpid(), retry=False)
             LIVE.add(trial._trial_id)  # run_group lets go of it
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     tracker.reopen(ctx.parent_run_id)  # another process may have closed it meanwhile
     return trial
 
@@ -324,14 +322,13 @@ def run_trials(ctx: StudyContext, *, deadline: float | None = None,
                progress: bool = False) -> None:
     """Claim and run trials in this process until the budget is used up or the deadline
     (time.time()) passes. Data is loaded once."""
-    from optimsweep.train import TrainConfig, default_fuse, load_data, resolve_device
+    from optimsweep.train import TrainConfig, default_fuse, load_data
     from optimsweep.trial import run_group
 
     spec = ctx.spec
     _configure_stores(spec)
-    base = TrainConfig.from_dict(spec.base_config())
-    data = load_data(base)
-    fuse = default_fuse(resolve_device(base.device)) if spec.fuse == "auto" else spec.fuse
+    data = load_data(TrainConfig.from_dict(spec.base_config()))
+    fuse = default_fuse(data.device) if spec.fuse == "auto" else spec.fuse
     storage = open_storage(ctx.storage_url)
     tracker = Tracker(ctx.tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage,

@@ -11,10 +11,8 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from optimsweep import signals
 from optimsweep.artifacts import save_state_dict
 from optimsweep.atomic import create_sqlite_atomically
 from optimsweep.provenance import provenance
@@ -121,29 +120,18 @@ def _initialize_mlflow_db(url: str) -> None:
         engine.dispose()
 
 
-@contextlib.contextmanager
-def _signals_held(hold: bool):
-    """Ctrl-C and SIGTERM wait until the block is done. A KeyboardInterrupt raised inside a
-    SQLite write can leave its transaction open and the database locked, so this process's
-    next writes (closing the runs) wait out the busy timeout and fail. Local SQLite calls
-    are short; a tracking server's are not held (a request cut short changes nothing)."""
-    if not hold or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
 def _store_call(method):
     """Turn any failure of the store into a StoreError that names the store."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
+        # A KeyboardInterrupt inside a SQLite write can leave its transaction open and the
+        # database locked: this process's next writes (closing the runs) would wait out the
+        # busy timeout and fail. Local calls are short, so signals wait for them; a tracking
+        # server's calls stay interruptible (a request cut short changes nothing there).
+        hold = signals.held() if self.uri.startswith("sqlite") else contextlib.nullcontext()
         try:
-            with _signals_held(self.uri.startswith("sqlite")):
+            with hold:
                 return method(self, *args, **kwargs)
         except StoreError:
             raise

@@ -24,7 +24,7 @@ from torch import nn
 import optimsweep.numerics  # noqa: F401  (denormals flushed before any tensor work)
 from optimsweep.data import DEFAULT_VAL_SIZE, TASKS, TRAIN_POOL, Dataset, load_task
 from optimsweep.models import MODELS_BY_TASK, build_model
-from optimsweep.stack import ModelStack, release
+from optimsweep.stack import ModelStack
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
@@ -486,8 +486,6 @@ def fit_group(
                     member.model, loss_fn, data.test_x, data.test_y, precision)
             outcomes[live[k]] = member.result if problem is None else problem
         live = [i for k, i in enumerate(live) if k not in leaving]
-    for member in members:
-        release(member.model)
     return [outcomes[i] for i in range(len(members))]
 
 

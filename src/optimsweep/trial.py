@@ -153,12 +153,6 @@ class _Member:
     outcome: Outcome | None = None
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, ctx: StudyContext, data,
-              tracker: Tracker) -> Outcome:
-    """Run one claimed trial from its run's creation to both records closed."""
-    return run_group(study, [trial], ctx, data, tracker)[0]
-
-
 def run_group(study: optuna.Study, trials: list[optuna.Trial], ctx: StudyContext, data,
               tracker: Tracker) -> list[Outcome]:
     """Run claimed trials, fused where their configs can share batches (see
@@ -195,10 +189,7 @@ def _run_groups(study: optuna.Study, trials: list[optuna.Trial], ctx: StudyConte
         except StoreError as exc:  # every member is closed; the rest never start
             stopping = stopping or exc
             break
-    for member in members:
-        if member.outcome is None:  # a later group that never ran: its trial stays
-            member.outcome = Outcome(error=str(stopping))  # RUNNING for the repair
-    if stopping is not None:
+    if stopping is not None:  # trials of groups that never ran stay RUNNING for the repair
         raise stopping
     return [m.outcome for m in members]
 
@@ -209,53 +200,49 @@ def _run_fused(study: optuna.Study, group: list[_Member], ctx: StudyContext, dat
     and its run closed in the same state (owned_run), whatever ends it."""
     spec = ctx.spec
     stopping: list[BaseException] = []
-    try:
-        with ExitStack() as lives:
-            for member in group:
-                trial = member.trial
-                # Until this run exists the trial stays RUNNING: if we die here, reconcile
-                # gives it a run and fails it, so no finished trial is ever without one.
-                retry_of = trial.user_attrs.get("retry_of")
-                member.run_id = tracker.start_run(
-                    ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
-                    tags={"optimsweep.device": str(data.device),
-                          "optimsweep.fused": str(len(group)),  # members of its group
-                          **({"optimsweep.precision": train.resolve_precision(
-                              member.config.precision, data.device)}
-                             if member.config is not None else {}),
-                          **({"optimsweep.retry_of": str(retry_of)}
-                             if retry_of is not None else {})})
-                storage_call(trial.set_user_attr, "mlflow_run_id", member.run_id)
-                lives.enter_context(heartbeat(study._storage, trial._trial_id))
-                member.outcome = lives.enter_context(owned_run(
-                    tracker, member.run_id,
-                    lambda o, t=trial, r=member.run_id: _tell(study, t, o, tracker, r)))
-            fitting = []
-            for member in group:
-                try:
-                    if member.problem is not None:
-                        raise member.problem
-                    tracker.log_config(member.run_id, member.config, member.trial.params)
-                    fitting.append(member)
-                except Exception as exc:  # noqa: BLE001
-                    if _record_failure(member.outcome, exc):
-                        stopping.append(exc)
+    with ExitStack() as lives:
+        for member in group:
+            trial = member.trial
+            # Until this run exists the trial stays RUNNING: if we die here, reconcile
+            # gives it a run and fails it, so no finished trial is ever without one.
+            retry_of = trial.user_attrs.get("retry_of")
+            member.run_id = tracker.start_run(
+                ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
+                tags={"optimsweep.device": str(data.device),
+                      "optimsweep.fused": str(len(group)),  # members of its group
+                      **({"optimsweep.precision": train.resolve_precision(
+                          member.config.precision, data.device)}
+                         if member.config is not None else {}),
+                      **({"optimsweep.retry_of": str(retry_of)}
+                         if retry_of is not None else {})})
+            storage_call(trial.set_user_attr, "mlflow_run_id", member.run_id)
+            lives.enter_context(heartbeat(study._storage, trial._trial_id))
+            member.outcome = lives.enter_context(owned_run(
+                tracker, member.run_id,
+                lambda o, t=trial, r=member.run_id: _tell(study, t, o, tracker, r)))
+        fitting = []
+        for member in group:
             try:
-                results = train.fit_group([m.config for m in fitting], data,
-                                          [_watch(study, m, ctx, tracker) for m in fitting])
-            except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the whole group's)
-                results = [exc] * len(fitting)
-            for member, result in zip(fitting, results, strict=True):
-                try:
-                    if isinstance(result, Exception):
-                        raise result
-                    _finish(member, result, spec.metric, tracker)
-                except Exception as exc:  # noqa: BLE001
-                    if _record_failure(member.outcome, exc):
-                        stopping.append(exc)
-    finally:
-        for member in group:  # its records are closed: nothing of it runs here any more
-            LIVE.discard(member.trial._trial_id)
+                if member.problem is not None:
+                    raise member.problem
+                tracker.log_config(member.run_id, member.config, member.trial.params)
+                fitting.append(member)
+            except Exception as exc:  # noqa: BLE001
+                if _record_failure(member.outcome, exc):
+                    stopping.append(exc)
+        try:
+            results = train.fit_group([m.config for m in fitting], data,
+                                      [_watch(study, m, ctx, tracker) for m in fitting])
+        except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the whole group's)
+            results = [exc] * len(fitting)
+        for member, result in zip(fitting, results, strict=True):
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                _finish(member, result, spec.metric, tracker)
+            except Exception as exc:  # noqa: BLE001
+                if _record_failure(member.outcome, exc):
+                    stopping.append(exc)
     if stopping:
         raise stopping[0]
 
