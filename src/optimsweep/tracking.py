@@ -7,7 +7,6 @@ down) raises StoreError naming the store, so callers can tell it from a trial's 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -21,7 +20,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from optimsweep import signals
 from optimsweep.artifacts import save_state_dict
 from optimsweep.atomic import create_sqlite_atomically
 from optimsweep.provenance import provenance
@@ -125,14 +123,8 @@ def _store_call(method):
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        # A KeyboardInterrupt inside a SQLite write can leave its transaction open and the
-        # database locked: this process's next writes (closing the runs) would wait out the
-        # busy timeout and fail. Local calls are short, so signals wait for them; a tracking
-        # server's calls stay interruptible (a request cut short changes nothing there).
-        hold = signals.held() if self.uri.startswith("sqlite") else contextlib.nullcontext()
         try:
-            with hold:
-                return method(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
         except StoreError:
             raise
         except Exception as exc:
