@@ -79,7 +79,7 @@ bench-scaling: install
 	$(BIN)/python benchmarks/bench_scaling.py $(ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -123,7 +123,7 @@ BAD = {
     "unknown budget key": ({"budget": {"trials": 3}}, "budget.trials: unknown key; allowed:"),
     "unknown metric": ({"metric": "f1"}, "metric: 'f1' is not allowed; choose one of:"),
     "accuracy for regression": ({"metric": "val_accuracy"},
-                                "metric: val_accuracy needs a classification task"),
+                                "metric: val_accuracy needs a classification loss"),
     "grid over a continuous range": ({"sampler": "grid"},
                                      "sampler: grid needs every search_space entry"),
     "condition on an unknown parameter": (

@@ -23,6 +23,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     from optimsweep.train import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
+        if f.type == "dict":  # factory arguments: model.NAME / data.NAME in --config's file
+            continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
                             metavar=f.name.upper(), help=f"default: {f.default}")
 
@@ -45,6 +47,7 @@ def load_config_file(path: Path) -> dict:
 
 def _print_epoch(config: TrainConfig, stats: EpochStats) -> None:
     acc = "" if stats.val_accuracy is None else f"  val accuracy: {100 * stats.val_accuracy:.1f}%"
+    acc += "".join(f"  {k}: {v:.4g}" for k, v in stats.extra.items())
     print(f"Epoch {stats.epoch}/{config.epochs}  train loss: {stats.train_loss:.6f}  "
           f"val loss: {stats.val_loss:.6f}{acc}  lr: {stats.lr:.3g}  ({stats.seconds:.1f}s)",
           flush=True)
@@ -52,17 +55,23 @@ def _print_epoch(config: TrainConfig, stats: EpochStats) -> None:
 
 def cmd_train(args) -> int:
     from optimsweep.train import TrainConfig, fit, load_data
+    from optimsweep.usercode import is_import_string
 
     values = load_config_file(args.config) if args.config else {}
+    if args.config and "code_dir" not in values and any(
+            is_import_string(values.get(k)) for k in ("task", "model", "metric")):
+        values["code_dir"] = str(Path(args.config).resolve().parent)  # your code beside it
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                   if getattr(args, f.name) is not None})
+                   if getattr(args, f.name, None) is not None})
     config = TrainConfig.from_dict(values)
     data = load_data(config)
-    print(f"training {config.model} on {config.task} ({len(data.train_y)} train / "
-          f"{len(data.val_y)} validation / {len(data.test_y)} test) on {data.device}")
+    n_train, n_val, n_test = data.sizes
+    print(f"training {config.model} on {config.task} ({n_train} train / {n_val} validation / "
+          f"{n_test} test{', streamed' if data.streaming else ''}) on {data.device}")
     result = fit(config, data, on_epoch=lambda s: _print_epoch(config, s))
     acc = "" if result.test_accuracy is None else f"Accuracy: {100 * result.test_accuracy:.1f}%, "
-    print(f"Test Error:\n {acc}Avg loss: {result.test_loss:.6f}")
+    extra = "".join(f", {k}: {v:.6g}" for k, v in result.test_extra.items())
+    print(f"Test Error:\n {acc}Avg loss: {result.test_loss:.6f}{extra}")
     if args.save:
         from optimsweep.artifacts import save_state_dict
 
@@ -96,8 +105,8 @@ def cmd_sweep(args) -> int:
     study = run_sweep(spec, n_trials=args.n_trials, timeout=args.timeout, workers=args.workers,
                       progress=not args.no_progress)
     print(f"\n{summary_line(study, args.n_trials or spec.budget.n_trials)}")
-    print(f"top trials by {spec.metric} (validation; test accuracy is reported, never used to "
-          "choose):")
+    print(f"top trials by {spec.metric} (validation; the test set's value is reported, never "
+          "used to choose):")
     _print_table(trials_table(study, spec.metric, top=args.top))
     print(f"\nnext: make ui  (compare runs in MLflow)  |  make export SWEEP={spec.path}")
     return 0
@@ -242,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from optimsweep.data import DataUnavailable
+    from optimsweep.data import DataError, DataUnavailable
     from optimsweep.services import ServiceError
     from optimsweep.spec import SpecError
     from optimsweep.storage import STORE_FAILURES, StoreError, describe
     from optimsweep.study import WorkersFailed
     from optimsweep.train import ConfigError, DivergedError
+    from optimsweep.usercode import UserCodeError
 
     try:
         args = build_parser().parse_args(argv)
@@ -256,7 +266,8 @@ def _run(argv: list[str]) -> int:
     quiet(args.debug)
     try:
         return args.func(args)
-    except (ConfigError, DivergedError, SpecError, DataUnavailable) as exc:
+    except (ConfigError, DivergedError, SpecError, DataUnavailable, DataError,
+            UserCodeError) as exc:
         return _expected(exc, args.debug, 2)
     except (StoreError, WorkersFailed, ServiceError) as exc:
         return _expected(exc, args.debug, 3)

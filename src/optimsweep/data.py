@@ -1,19 +1,27 @@
-"""Datasets as whole tensors on the training device, with a fixed train/validation split.
+"""The data a config trains on: whatever its data factory returns, split into train,
+validation (carved from the training part with `split_seed`) and test, once per process.
 
-Batches are later cut from these tensors with `randperm` slices (see train.py), so the data is
-decoded and moved to the device exactly once per process.
+A factory (built-in, see tasks.py, or the user's own by import string) returns
+`((x_train, y_train), (x_test, y_test))` as tensors, or a pair of `torch.utils.data.Dataset`s.
+Data up to `in_memory_mb` becomes whole tensors on the training device, cut into batches with
+`randperm` slices (see train.py); larger datasets stream through a `DataLoader` in the same
+batch order, so both paths train the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Dataset as TorchDataset
 
 import optimsweep.numerics  # noqa: F401  (before any tensor work: see its docstring)
 
@@ -25,14 +33,25 @@ FASHION_FILES = (
 )
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
-TASKS = ("fashion_mnist", "regression")
+# The built-in tasks: data factories like any user's (tasks.py).
+TASKS = {"fashion_mnist": "optimsweep.tasks:fashion_mnist",
+         "regression": "optimsweep.tasks:regression"}
 DEFAULT_VAL_SIZE = {"fashion_mnist": 10_000, "regression": 100}
 # Examples the train/validation split is carved from (regression: 1000 points less 100 test).
 TRAIN_POOL = {"fashion_mnist": 60_000, "regression": 900}
+VAL_FRACTION = 0.1  # of a user's training examples, when the sweep file gives no val_size
+# Datasets up to this size become tensors on the device; larger ones stream (a sweep file's
+# data.in_memory_mb). 1 GiB holds FashionMNIST five times over and fits any GPU.
+IN_MEMORY_MB = 1024
+EVAL_BATCH = 4096
 
 
 class DataUnavailable(RuntimeError):
     """The FashionMNIST files could not be found, installed or downloaded."""
+
+
+class DataError(ValueError):
+    """A data factory returned something that can't be trained on; says what and why."""
 
 
 @dataclass
@@ -45,18 +64,36 @@ class Dataset:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    num_classes: int
-    split_seed: int
+    num_classes: int = 0
+    split_seed: int = 0
+    streaming = False
 
     @property
     def device(self) -> torch.device:
         return self.train_x.device
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return len(self.train_y), len(self.val_y), len(self.test_y)
 
     def to(self, device: torch.device | str) -> Dataset:
         if torch.device(device) == self.device:
             return self
         moved = {k: getattr(self, k).to(device) for k in self._tensor_fields()}
         return Dataset(**moved, num_classes=self.num_classes, split_seed=self.split_seed)
+
+    def train_batches(self, orders: torch.Tensor, batch_size: int) -> Iterator[tuple]:
+        """(K, n) batch orders -> (x, y) batches of shape (K, batch, ...): member k's
+        batch i is rows orders[k, i*batch_size : (i+1)*batch_size]."""
+        orders = orders.to(self.device)
+        for start in range(0, orders.shape[1], batch_size):
+            idx = orders[:, start : start + batch_size]
+            yield self.train_x[idx], self.train_y[idx]
+
+    def eval_batches(self, split: str, batch_size: int = EVAL_BATCH) -> Iterator[tuple]:
+        x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        for start in range(0, x.shape[0], batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
 
     @staticmethod
     def _tensor_fields() -> tuple[str, ...]:
@@ -136,6 +173,44 @@ def prepare_fashion_mnist(root: Path | None = None, log=print) -> Path:
     )
 
 
+@dataclass
+class StreamingData:
+    """Data too large for memory: train/validation subsets of the factory's training
+    Dataset and its test Dataset, read through DataLoaders batch by batch."""
+
+    train: TorchDataset
+    val: TorchDataset
+    test: TorchDataset
+    device: torch.device
+    split_seed: int = 0
+    num_classes: int = 0
+    streaming = True
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return len(self.train), len(self.val), len(self.test)
+
+    def to(self, device: torch.device | str) -> StreamingData:
+        return dataclasses.replace(self, device=torch.device(device))
+
+    def _loader(self, dataset: TorchDataset, batch_size: int, order=None) -> Iterator[tuple]:
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order,
+                            pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+    def train_batches(self, orders: torch.Tensor, batch_size: int) -> Iterator[tuple]:
+        """A group of one (streamed data is never fused): the same batches, in the same
+        order, as the in-memory path cuts from its tensors."""
+        if orders.shape[0] != 1:
+            raise ValueError("streamed data trains one member at a time")
+        for x, y in self._loader(self.train, batch_size, orders[0].tolist()):
+            yield x.unsqueeze(0), y.unsqueeze(0)
+
+    def eval_batches(self, split: str, batch_size: int = EVAL_BATCH) -> Iterator[tuple]:
+        return self._loader(getattr(self, split), batch_size)
+
+
 def _split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 < val_size < n:
         raise ValueError(f"val_size: {val_size} must be between 1 and {n - 1}")
@@ -143,94 +218,126 @@ def _split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return perm[val_size:], perm[:val_size]
 
 
-def load_fashion_mnist(
+def _is_dataset(part) -> bool:
+    return hasattr(part, "__getitem__") and hasattr(part, "__len__") and not isinstance(
+        part, tuple | list | torch.Tensor)
+
+
+def _checked(ref: str, returned) -> tuple:
+    """The factory's ((x, y), (x, y)) tensors or (Dataset, Dataset), checked; one clear
+    line about the first thing wrong."""
+    expected = ("should return ((x_train, y_train), (x_test, y_test)) as tensors, or a pair "
+                "of torch.utils.data.Dataset (train, test)")
+    if not isinstance(returned, tuple | list) or len(returned) != 2:
+        raise DataError(f"{ref} {expected}; it returned {_shape_of(returned)}")
+    if all(_is_dataset(part) for part in returned):
+        for name, part in zip(("train", "test"), returned, strict=True):
+            if len(part) == 0:
+                raise DataError(f"{ref}: its {name} Dataset is empty")
+            item = part[0]
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise DataError(f"{ref}: its {name} Dataset's items should be (x, y) pairs; "
+                                f"item 0 is {_shape_of(item)}")
+        return tuple(returned)
+    for name, part in zip(("train", "test"), returned, strict=True):
+        if (not isinstance(part, tuple | list) or len(part) != 2
+                or not all(isinstance(t, torch.Tensor) for t in part)):
+            raise DataError(f"{ref} {expected}; its {name} part is {_shape_of(part)}")
+        x, y = part
+        if x.dim() == 0 or y.dim() == 0 or len(x) != len(y) or len(x) == 0:
+            raise DataError(f"{ref}: {name} x and y should be tensors with one row per "
+                            f"example; got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    (x, y), (tx, ty) = returned
+    if x.shape[1:] != tx.shape[1:] or y.shape[1:] != ty.shape[1:]:
+        raise DataError(f"{ref}: train and test examples differ in shape: x {tuple(x.shape)} "
+                        f"and {tuple(tx.shape)}, y {tuple(y.shape)} and {tuple(ty.shape)}")
+    return tuple(returned)
+
+
+def _shape_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, tuple | list):
+        return f"a {type(value).__name__} of {len(value)}: (" + ", ".join(
+            _shape_of(v) for v in value[:3]) + (", ...)" if len(value) > 3 else ")")
+    return f"a {type(value).__name__}"
+
+
+def _bytes(item) -> int:
+    return sum(torch.as_tensor(v).numel() * torch.as_tensor(v).element_size() for v in item)
+
+
+def _tensors(dataset: TorchDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=1024):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _classes(y: torch.Tensor) -> int:
+    return int(y.max()) + 1 if y.dtype == torch.long and y.dim() == 1 else 0
+
+
+def load_dataset(
+    task: str = "fashion_mnist",
+    kwargs: dict | None = None,
     *,
-    device: torch.device | str = "cpu",
-    val_size: int = 10_000,
-    split_seed: int = 0,
-    train_subset: int | None = None,
-    root: Path | None = None,
-) -> Dataset:
-    """FashionMNIST scaled to [0, 1] like the tutorial's ToTensor, as N x 1 x 28 x 28 floats.
-
-    The validation split is carved from the 60k training images with `split_seed`, so every
-    trial of a study sees the same split; the 10k test images are only ever reported.
-    `train_subset` keeps the first N images of the training split (for quick tests).
-    """
-    from torchvision.datasets import FashionMNIST
-
-    root = Path(root or default_data_root())
-    prepare_fashion_mnist(root)
-    train = FashionMNIST(str(root), train=True, download=False)
-    test = FashionMNIST(str(root), train=False, download=False)
-
-    def images(ds) -> torch.Tensor:
-        return ds.data.unsqueeze(1).to(device=device, dtype=torch.float32).div_(255.0)
-
-    x, y = images(train), train.targets.to(device)
-    train_idx, val_idx = _split(len(y), val_size, split_seed)
-    if train_subset is not None:
-        train_idx = train_idx[:train_subset]
-    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
-    return Dataset(
-        train_x=x[train_idx],
-        train_y=y[train_idx],
-        val_x=x[val_idx],
-        val_y=y[val_idx],
-        test_x=images(test),
-        test_y=test.targets.to(device),
-        num_classes=10,
-        split_seed=split_seed,
-    )
-
-
-def make_regression(
-    *,
-    device: torch.device | str = "cpu",
-    train_subset: int | None = None,
-    n: int = 1000,
-    val_size: int = 100,
-    test_size: int = 100,
-    split_seed: int = 0,
-    weight: float = 0.7,
-    bias: float = 0.3,
-) -> Dataset:
-    """The seed's straight line y = 0.7 x + 0.3 on x in [0, 1), split train/validation/test."""
-    x = torch.linspace(0, 1, n + 1)[:-1].unsqueeze(1)
-    y = weight * x + bias
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    test_idx = perm[:test_size]
-    val_idx = perm[test_size : test_size + val_size]
-    train_idx = perm[test_size + val_size :][:train_subset]
-    return Dataset(
-        train_x=x[train_idx].to(device),
-        train_y=y[train_idx].to(device),
-        val_x=x[val_idx].to(device),
-        val_y=y[val_idx].to(device),
-        test_x=x[test_idx].to(device),
-        test_y=y[test_idx].to(device),
-        num_classes=0,
-        split_seed=split_seed,
-    )
-
-
-def load_task(
-    task: str,
-    *,
+    code_dir: str | None = None,
     device: torch.device | str = "cpu",
     val_size: int | None = None,
     split_seed: int = 0,
     train_subset: int | None = None,
-) -> Dataset:
-    val_size = DEFAULT_VAL_SIZE.get(task) if val_size is None else val_size
-    if task == "fashion_mnist":
-        return load_fashion_mnist(
-            device=device,
-            val_size=val_size,
-            split_seed=split_seed,
-            train_subset=train_subset,
-        )
-    if task == "regression":
-        return make_regression(device=device, val_size=val_size, split_seed=split_seed,
-                               train_subset=train_subset)
-    raise ValueError(f"task: {task!r} is not known; choose one of: {', '.join(TASKS)}")
+    in_memory_mb: float = IN_MEMORY_MB,
+) -> Dataset | StreamingData:
+    """Call the data factory `task` (a built-in task or an import string) with `kwargs`,
+    carve the validation split from its training part with `split_seed` (so every trial of a
+    study validates on the same examples), keep the first `train_subset` training examples,
+    and put it on `device`, whole or streamed. The test part is only ever reported."""
+    from optimsweep.usercode import UserCodeError, resolve
+
+    ref = TASKS.get(task, task)
+    where = f"data.factory: {ref}" if task not in TASKS else f"task: {task}"
+    try:
+        factory = resolve(ref, code_dir)
+        returned = factory(**(kwargs or {}))
+    except (UserCodeError, DataUnavailable):
+        raise
+    except Exception as exc:
+        raise DataError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+    train, test = _checked(where, returned)
+    n = len(train) if _is_dataset(train) else len(train[1])
+    val_size = DEFAULT_VAL_SIZE.get(task, max(1, int(n * VAL_FRACTION))) \
+        if val_size is None else val_size
+    if not 1 <= val_size < n:
+        raise DataError(f"data.val_size: {val_size} must be in [1, {n - 1}]: {ref} "
+                        f"returned {n} training examples and one must be left to train on")
+    train_idx, val_idx = _split(n, val_size, split_seed)
+    if train_subset is not None:
+        train_idx = train_idx[:train_subset]
+    device = torch.device(device)
+    if _is_dataset(train):
+        size = _bytes(train[0]) * (len(train) + len(test))
+        if size > in_memory_mb * 2**20:
+            return StreamingData(Subset(train, train_idx.tolist()),
+                                 Subset(train, val_idx.tolist()), test, device, split_seed)
+        train, test = _tensors(train), _tensors(test)
+    (x, y), (test_x, test_y) = train, test
+    return Dataset(train_x=x[train_idx].to(device), train_y=y[train_idx].to(device),
+                   val_x=x[val_idx].to(device), val_y=y[val_idx].to(device),
+                   test_x=test_x.to(device), test_y=test_y.to(device),
+                   num_classes=_classes(y), split_seed=split_seed)
+
+
+def load_fashion_mnist(*, device: torch.device | str = "cpu", val_size: int = 10_000,
+                       split_seed: int = 0, train_subset: int | None = None) -> Dataset:
+    """The tutorial's data: 60k training images (less the validation split), 10k test."""
+    return load_dataset("fashion_mnist", device=device, val_size=val_size,
+                        split_seed=split_seed, train_subset=train_subset)
+
+
+def make_regression(*, device: torch.device | str = "cpu", val_size: int = 100,
+                    split_seed: int = 0, train_subset: int | None = None) -> Dataset:
+    """The seed's line y = 0.7 x + 0.3: 800 training, 100 validation, 100 test points."""
+    return load_dataset("regression", device=device, val_size=val_size,
+                        split_seed=split_seed, train_subset=train_subset)

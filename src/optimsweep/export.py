@@ -17,7 +17,7 @@ from optimsweep.report import ranked_complete_trials
 from optimsweep.spec import SpecError
 from optimsweep.storage import StoreError, describe
 from optimsweep.study import OpenStudy, repair
-from optimsweep.tracking import CONFIG_FILE, STATE_DICT, config_yaml
+from optimsweep.tracking import CODE_TAG, CONFIG_FILE, STATE_DICT, config_yaml
 
 METRICS_FILE = "metrics.json"
 EXPORT_FILES = (CONFIG_FILE, STATE_DICT, METRICS_FILE)
@@ -83,7 +83,7 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
             raise StoreError(f"run {run_id}'s {STATE_DICT} is not a plain state_dict, so it "
                              f"was not exported ({describe(exc)})") from exc
         recorded = {k: v for k, v in run.data.tags.items()
-                    if k in provenance() or k == "git_commit"}
+                    if k in provenance() or k == "git_commit" or k.startswith(CODE_TAG)}
         metrics = {
             "study": spec.name, "trial": trial.number, "mlflow_run_id": run_id,
             "selected_by": f"{spec.direction} {spec.metric} (validation)", "reason": reason,

@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 MODELS_BY_TASK = {"fashion_mnist": ("mlp", "cnn"), "regression": ("linear",)}
+# Model factories like any user's: a sweep file's `model: mlp` is `optimsweep.models:...`.
+MODELS = {"mlp": "optimsweep.models:NeuralNetwork", "cnn": "optimsweep.models:SmallCNN",
+          "linear": "optimsweep.models:LinearRegressionModel"}
 
 
 class NeuralNetwork(nn.Module):
@@ -62,8 +65,13 @@ class LinearRegressionModel(nn.Module):
         return self.weights * x + self.bias
 
 
-def build_model(name: str) -> nn.Module:
-    builders = {"mlp": NeuralNetwork, "cnn": SmallCNN, "linear": LinearRegressionModel}
-    if name not in builders:
-        raise ValueError(f"model: {name!r} is not known; choose one of: {', '.join(builders)}")
-    return builders[name]()
+def build_model(name: str, kwargs: dict | None = None, code_dir: str | None = None) -> nn.Module:
+    """A fresh model from a built-in name or a factory's import string, called with
+    `kwargs` (the sweep's fixed and sampled `model.NAME` values)."""
+    from optimsweep.usercode import resolve
+
+    model = resolve(MODELS.get(name, name), code_dir)(**(kwargs or {}))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model factory {name} returned {type(model).__name__}, not a "
+                        "torch.nn.Module")
+    return model

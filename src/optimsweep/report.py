@@ -68,7 +68,9 @@ def log_summary(study: optuna.Study, metric: str, tracker, run_id: str) -> None:
 
 
 def trials_table(study: optuna.Study, metric: str, top: int | None = 10) -> pd.DataFrame:
-    """Finished trials, best first: number, state, the metric, test accuracy, params, run id."""
+    """Finished trials, best first: number, state, the metric and its value on the test set
+    (test_accuracy for val_accuracy, ...), params, run id."""
+    test = "test_" + metric.removeprefix("val_")
     rows = []
     for t in study.get_trials(deepcopy=False):
         if not t.state.is_finished():
@@ -78,11 +80,11 @@ def trials_table(study: optuna.Study, metric: str, top: int | None = 10) -> pd.D
             else float("nan"))
         state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()
         rows.append({"trial": t.number, "state": state, metric: value,
-                     "test_accuracy": t.user_attrs.get("test_accuracy", float("nan")),
+                     test: t.user_attrs.get(test, float("nan")),
                      "epochs": t.user_attrs.get("epochs_run", 0), **t.params,
                      "run_id": t.user_attrs.get("mlflow_run_id", "")})
     if not rows:
-        return pd.DataFrame(columns=["trial", "state", metric, "test_accuracy", "run_id"])
+        return pd.DataFrame(columns=["trial", "state", metric, test, "run_id"])
     table = pd.DataFrame(rows)
     table = table[[c for c in table.columns if c != "run_id"] + ["run_id"]]
     table["_complete"] = table["state"] == "complete"

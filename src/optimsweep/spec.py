@@ -20,7 +20,7 @@ import optuna
 import yaml
 
 from optimsweep.data import TASKS
-from optimsweep.models import MODELS_BY_TASK
+from optimsweep.models import MODELS, MODELS_BY_TASK
 from optimsweep.samplers import (
     PRUNERS,
     SAMPLERS,
@@ -31,16 +31,32 @@ from optimsweep.samplers import (
     option_type_problem,
 )
 from optimsweep.storage import Resilience
-from optimsweep.train import CONDITIONS, CONFIG_DEFAULTS, ConfigError, TrainConfig
+from optimsweep.train import (
+    CONDITIONS,
+    CONFIG_DEFAULTS,
+    LOSSES,
+    TASK_LOSS,
+    ConfigError,
+    TrainConfig,
+    metric_name,
+)
+from optimsweep.usercode import UserCodeError, check_arguments, is_import_string, resolve
 
-TOP_LEVEL_KEYS = ("name", "description", "task", "model", "metric", "direction", "seed",
+TOP_LEVEL_KEYS = ("name", "description", "task", "model", "loss", "metric", "direction",
+                  "seed",
                   "sampler", "pruner", "budget", "storage", "tracking_uri", "data", "fixed",
                   "search_space", "baseline", "heartbeat", "store_timeout", "fuse")
 MAX_FUSE = 64
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 DIRECTIONS = ("maximize", "minimize")
 BUDGET_KEYS = ("n_trials", "epochs", "timeout")
-DATA_KEYS = ("val_size", "split_seed", "train_subset")
+DATA_KEYS = ("factory", "kwargs", "val_size", "split_seed", "train_subset", "in_memory_mb")
+SPLIT_KEYS = DATA_KEYS[2:]  # training values every trial shares
+MODEL_KEYS = ("factory", "kwargs")
+MODEL_PARAM = "model."  # a model factory's keyword argument in search_space or fixed
+# Where the code is, not what it does: a study moved to another folder or machine stays
+# the same study.
+NOT_FINGERPRINTED = ("code_dir", "in_memory_mb")
 HEARTBEAT_KEYS = ("interval", "grace_period", "max_retry")
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "postgresql+psycopg")
@@ -92,22 +108,35 @@ class Spec:
     tracking_uri: str | None = None
     resilience: Resilience = field(default_factory=Resilience)
     fuse: int | str = "auto"  # trials trained at once as one model; auto: train.default_fuse
+    model_kwargs: dict = field(default_factory=dict)  # the model factory's fixed arguments
+    data_kwargs: dict = field(default_factory=dict)  # the data factory's arguments
+    loss: str | None = None  # None: the built-in task's own
+    metric_ref: str | None = None  # the user's metric function, when `metric` names one
+    code_dir: str | None = None  # the sweep file's folder, when it names user code
     data: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
     search_space: dict[str, Param] = field(default_factory=dict)
     baseline: list[dict] = field(default_factory=list)
 
     def base_config(self) -> dict:
-        """Training values every trial shares: task, model, data split, epochs, fixed."""
+        """Training values every trial shares: task, model (and their factories' arguments),
+        loss, data split, epochs, fixed."""
+        optional = {"loss": self.loss, "metric": self.metric_ref, "code_dir": self.code_dir}
         return {"task": self.task, "model": self.model, "epochs": self.budget.epochs,
-                "seed": self.seed, **self.data, **self.fixed}
+                "seed": self.seed,
+                **{f"{MODEL_PARAM}{k}": v for k, v in self.model_kwargs.items()},
+                **{f"data.{k}": v for k, v in self.data_kwargs.items()},
+                **{k: v for k, v in optional.items() if v is not None},
+                **self.data, **self.fixed}
 
     def fingerprint(self) -> str:
-        """What makes trials comparable; budget size and stores may change on resume."""
+        """What makes trials comparable (factories and their arguments included); budget
+        size, stores and where the code lives may change on resume."""
         space = {k: [optuna.distributions.distribution_to_json(p.distribution),
                      {c: list(v) for c, v in p.when.items()}]
                  for k, p in self.search_space.items()}
-        blob = json.dumps([self.base_config(), space, self.metric, self.direction],
+        base = {k: v for k, v in self.base_config().items() if k not in NOT_FINGERPRINTED}
+        blob = json.dumps([base, space, self.metric, self.direction],
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -147,7 +176,12 @@ def _number(path: Path, key: str, value, kind: type = float):
 
 
 def _check_train_value(path: Path, key: str, name: str, value, base: dict) -> Any:
-    """Validate one training value with the core's own rules; return it coerced."""
+    """Validate one training value with the core's own rules; return it coerced. A model
+    factory's argument is the factory's to judge (its signature is checked separately)."""
+    if name.startswith(MODEL_PARAM):
+        if not name[len(MODEL_PARAM):].isidentifier():
+            raise _fail(path, key, "not a keyword argument name")
+        return value
     try:
         return getattr(TrainConfig.from_dict({**base, name: value}), name)
     except ConfigError as exc:
@@ -343,20 +377,21 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
         raise _fail(path, "name", f"{name!r} is not allowed: use 1 to 100 letters, digits, "
                     "'.', '_' or '-', starting with a letter or digit (it names the study, "
                     "its MLflow experiment and its folder under exports/)")
-    task = raw.get("task", "fashion_mnist")
-    if task not in TASKS:
-        raise _fail(path, "task", f"{task!r} is not allowed; choose one of: {', '.join(TASKS)}")
-    model = raw.get("model", MODELS_BY_TASK[task][0])
-    if model not in MODELS_BY_TASK[task]:
-        raise _fail(path, "model", f"{model!r} is not allowed for {task}; choose one of: "
-                    f"{', '.join(MODELS_BY_TASK[task])}")
-    metric = raw.get("metric", "val_accuracy" if task == "fashion_mnist" else "val_loss")
-    if metric not in METRICS:
+    code = _parse_code(path, raw)
+    task, model, loss = code["task"], code["model"], code["loss"]
+    kind = LOSSES[loss or TASK_LOSS[task]][1]
+    metric = raw.get("metric", "val_accuracy" if kind is not None else "val_loss")
+    metric_ref = None
+    if is_import_string(metric):
+        metric_ref, metric = metric, f"val_{metric_name(metric)}"
+    elif metric not in METRICS:
         raise _fail(path, "metric", f"{metric!r} is not allowed; choose one of: "
-                    f"{', '.join(METRICS)}")
-    if metric == "val_accuracy" and task == "regression":
-        raise _fail(path, "metric", "val_accuracy needs a classification task; choose val_loss")
-    direction = raw.get("direction", METRICS[metric])
+                    f"{', '.join(METRICS)}, or a function (outputs, targets) -> float by "
+                    "import string (module:function)")
+    if metric == "val_accuracy" and kind is None:
+        raise _fail(path, "metric", f"val_accuracy needs a classification loss (one of: "
+                    f"{', '.join(k for k, v in LOSSES.items() if v[1])}); choose val_loss")
+    direction = raw.get("direction", METRICS.get(metric, "maximize"))
     if direction not in DIRECTIONS:
         raise _fail(path, "direction", f"{direction!r} is not allowed; choose one of: "
                     f"{', '.join(DIRECTIONS)}")
@@ -376,9 +411,11 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
 
     spec = Spec(name=name.strip(), path=path, text=text, task=task, model=model,
                 description=str(raw.get("description", "")), metric=metric,
-                direction=direction, budget=budget)
+                direction=direction, budget=budget, model_kwargs=code["model_kwargs"],
+                data_kwargs=code["data_kwargs"], loss=loss, metric_ref=metric_ref,
+                code_dir=code["code_dir"])
     spec.seed = _check_train_value(path, "seed", "seed", raw.get("seed", 0),
-                                   {"task": task, "model": model})
+                                   spec.base_config())
     for key in ("storage", "tracking_uri"):
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
@@ -394,16 +431,16 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
     spec.sampler = _options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
     spec.pruner = _options(path, "pruner", raw.get("pruner"), PRUNERS, "median")
 
-    data = _mapping(path, "data", raw.get("data"), DATA_KEYS)
-    base = {"task": task, "model": model, "epochs": budget.epochs}
+    data = {k: v for k, v in code["data"].items() if k in SPLIT_KEYS}
+    base = spec.base_config()
     spec.data = {k: _check_train_value(path, f"data.{k}", k, v, base) for k, v in data.items()}
 
     settable = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SEARCHABLE]
-    fixed = _mapping(path, "fixed", raw.get("fixed"), tuple(settable))
+    fixed = _settable(path, "fixed", raw.get("fixed"), settable)
     base = spec.base_config()
     spec.fixed = {k: _check_train_value(path, f"fixed.{k}", k, v, base) for k, v in fixed.items()}
 
-    space_raw = _mapping(path, "search_space", raw.get("search_space"), tuple(settable))
+    space_raw = _settable(path, "search_space", raw.get("search_space"), settable)
     for name_, value in space_raw.items():
         if name_ in spec.fixed:
             raise _fail(path, f"search_space.{name_}", "also given under fixed; keep one")
@@ -415,6 +452,7 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
     if not spec.search_space:
         raise _fail(path, "search_space", "nothing to search; give at least one range or "
                     "list of choices")
+    _check_model_arguments(spec)
     _check_conditions(path, spec.search_space, spec.fixed)
     _add_implied_conditions(path, spec.search_space, spec.fixed)
     spec.search_space = _parents_first(spec.search_space)
@@ -422,6 +460,119 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
     _check_sampler_fits(spec)
     _dry_run(spec)
     return spec
+
+
+def _settable(path: Path, key: str, raw, settable: list[str]) -> dict:
+    """A mapping of training values (`fixed`, `search_space`): the core's own names, and
+    the model factory's arguments as model.NAME."""
+    value = _mapping(path, key, raw)
+    for k in value:
+        if k not in settable and not (isinstance(k, str) and k.startswith(MODEL_PARAM)):
+            raise _fail(path, f"{key}.{k}", f"unknown key; allowed: {', '.join(settable)}, "
+                        "or model.NAME (an argument of the model factory)")
+    return value
+
+
+def _user_callable(path: Path, key: str, ref: str, code_dir: str | None):
+    try:
+        return resolve(ref, code_dir)
+    except UserCodeError as exc:
+        raise _fail(path, key, str(exc)) from exc
+
+
+def _parse_code(path: Path, raw: dict) -> dict:
+    """task or data.factory, model (a name, or a factory with its arguments), loss: each
+    import string resolved now, with the sweep file's folder importable."""
+    data = dict(_mapping(path, "data", raw.get("data"), DATA_KEYS))
+    model_raw = raw.get("model")
+    if isinstance(model_raw, dict):
+        model_raw = _mapping(path, "model", model_raw, MODEL_KEYS)
+        if "factory" not in model_raw:
+            raise _fail(path, "model.factory", "required: the import string of a function or "
+                        "class that returns the model (module:callable)")
+    factory = data.get("factory")
+    if factory is not None and "task" in raw:
+        raise _fail(path, "task", "give either task (a built-in) or data.factory, not both")
+    uses_code = factory is not None or isinstance(model_raw, dict) or is_import_string(
+        model_raw) or is_import_string(raw.get("metric"))
+    code_dir = str(path.resolve().parent) if uses_code and path.is_file() else None
+    if factory is None:
+        task = raw.get("task", "fashion_mnist")
+        if task not in TASKS:
+            raise _fail(path, "task", f"{task!r} is not allowed; choose one of: "
+                        f"{', '.join(TASKS)}, or name your own data under data.factory")
+        for key in ("kwargs",):
+            if key in data:
+                raise _fail(path, f"data.{key}", "only with data.factory (your own data)")
+    else:
+        if not is_import_string(factory):
+            raise _fail(path, "data.factory", f"{factory!r} is not an import string; write "
+                        "it as module:function, e.g. my_data:load")
+        task = factory
+        fn = _user_callable(path, "data.factory", factory, code_dir)
+        kwargs = _mapping(path, "data.kwargs", data.get("kwargs"))
+        try:
+            check_arguments(factory, fn, list(kwargs))
+        except UserCodeError as exc:
+            raise _fail(path, "data.kwargs", str(exc)) from None
+    model_kwargs = {}
+    if isinstance(model_raw, dict):
+        model, model_kwargs = model_raw["factory"], dict(
+            _mapping(path, "model.kwargs", model_raw.get("kwargs")))
+        if not is_import_string(model):
+            raise _fail(path, "model.factory", f"{model!r} is not an import string; write it "
+                        "as module:callable, e.g. my_models:build")
+    elif model_raw is None:
+        if task not in TASKS:
+            raise _fail(path, "model", "required with data.factory: {factory: "
+                        "module:callable, kwargs: {...}}, or a built-in model "
+                        f"({', '.join(MODELS)})")
+        model = MODELS_BY_TASK[task][0]
+    else:
+        model = model_raw
+        if not is_import_string(model) and model not in MODELS:
+            raise _fail(path, "model", f"{model!r} is not allowed; choose one of: "
+                        f"{', '.join(MODELS)}, or a factory: {{factory: module:callable}}")
+    if task in TASKS and model in MODELS and model not in MODELS_BY_TASK[task]:
+        raise _fail(path, "model", f"{model!r} is not allowed for {task}; choose one of: "
+                    f"{', '.join(MODELS_BY_TASK[task])}")
+    if is_import_string(model):
+        _user_callable(path, "model.factory" if isinstance(model_raw, dict) else "model",
+                       model, code_dir)
+    loss = raw.get("loss")
+    if loss is None and task not in TASKS:
+        raise _fail(path, "loss", f"required with data.factory; choose one of: "
+                    f"{', '.join(LOSSES)}")
+    if loss is not None and loss not in LOSSES:
+        raise _fail(path, "loss", f"{loss!r} is not allowed; choose one of: "
+                    f"{', '.join(LOSSES)}")
+    if is_import_string(raw.get("metric")):
+        _user_callable(path, "metric", raw["metric"], code_dir)
+    return {"task": task, "model": model, "model_kwargs": model_kwargs, "loss": loss,
+            "data_kwargs": dict(data.get("kwargs") or {}), "data": data,
+            "code_dir": code_dir}
+
+
+def _check_model_arguments(spec: Spec) -> None:
+    """The model factory takes every argument the file gives it, fixed or searched, and
+    gets every argument it needs."""
+    from optimsweep.models import MODELS as BUILT_IN
+
+    fn = resolve(BUILT_IN.get(spec.model, spec.model), spec.code_dir)
+    given = {**{k: "model.kwargs" for k in spec.model_kwargs},
+             **{k[len(MODEL_PARAM):]: f"fixed.{k}" for k in spec.fixed
+                if k.startswith(MODEL_PARAM)},
+             **{k[len(MODEL_PARAM):]: f"search_space.{k}" for k in spec.search_space
+                if k.startswith(MODEL_PARAM)}}
+    for name, key in given.items():
+        try:
+            check_arguments(spec.model, fn, [name], complete=False)
+        except UserCodeError as exc:
+            raise _fail(spec.path, key, str(exc)) from None
+    try:
+        check_arguments(spec.model, fn, list(given))
+    except UserCodeError as exc:
+        raise _fail(spec.path, "model.kwargs", str(exc)) from None
 
 
 def _parents_first(space: dict[str, Param]) -> dict[str, Param]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from optimsweep.data import TASKS
 from optimsweep.report import counted_trials, log_summary
 from optimsweep.samplers import build_pruner, build_sampler, grid_space, sampler_seed
 from optimsweep.signals import Interrupted, stop_on_signals
@@ -318,16 +319,30 @@ def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def load_sweep_data(spec: Spec):
+    """The data every trial of the sweep trains on, loaded once per process; a data factory
+    that fails or returns the wrong thing is the sweep file's error."""
+    from optimsweep.data import DataError
+    from optimsweep.train import TrainConfig, load_data
+    from optimsweep.usercode import UserCodeError
+
+    try:
+        return load_data(TrainConfig.from_dict(spec.base_config()))
+    except (DataError, UserCodeError) as exc:
+        raise SpecError(f"{spec.path}: {exc}") from exc
+
+
 def run_trials(ctx: StudyContext, *, deadline: float | None = None,
-               progress: bool = False) -> None:
+               progress: bool = False, data=None) -> None:
     """Claim and run trials in this process until the budget is used up or the deadline
-    (time.time()) passes. Data is loaded once."""
-    from optimsweep.train import TrainConfig, default_fuse, load_data
+    (time.time()) passes. Data is loaded once (unless given)."""
+    from optimsweep.train import default_fuse
     from optimsweep.trial import run_group
 
     spec = ctx.spec
     _configure_stores(spec)
-    data = load_data(TrainConfig.from_dict(spec.base_config()))
+    if data is None:
+        data = load_sweep_data(spec)
     fuse = default_fuse(data.device) if spec.fuse == "auto" else spec.fuse
     storage = open_storage(ctx.storage_url)
     tracker = Tracker(ctx.tracking_uri)
@@ -484,12 +499,15 @@ def run_sweep(spec: Spec, *, n_trials: int | None = None, timeout: float | None 
         if not ok:
             raise SpecError(f"{flag}: {value} must be {'> 0' if flag == '--timeout' else '>= 1'}")
     timeout = timeout or spec.budget.timeout
+    # Before the study exists: a data factory that fails leaves nothing behind. Workers
+    # load their own copy from the import strings; the user's data is checked here too.
+    data = load_sweep_data(spec) if workers == 1 or spec.task not in TASKS else None
     deadline = time.time() + timeout if timeout else None
     opened = open_study(spec, workers=workers, n_trials=n_trials)
     status = "FINISHED"
     try:
         if workers == 1:
-            run_trials(opened.ctx, deadline=deadline, progress=progress)
+            run_trials(opened.ctx, deadline=deadline, progress=progress, data=data)
         else:
             _run_workers(opened, workers, deadline, progress)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from optimsweep.provenance import provenance
 from optimsweep.storage import StoreError, describe
 from optimsweep.train import EpochStats, FitResult, TrainConfig
 from optimsweep.urls import redact, redact_text
+from optimsweep.usercode import code_version
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ROLE, STUDY, TRIAL, STATE = ("optimsweep.role", "optimsweep.study", "optimsweep.trial_number",
@@ -37,6 +38,7 @@ RUN_STATUS = {"running": "RUNNING", "complete": "FINISHED", "pruned": "KILLED",
 STATE_DICT = "state_dict.pt"
 CONFIG_FILE = "config.yaml"
 TRACEBACK_FILE = "traceback.txt"
+CODE_TAG = "optimsweep.code."  # + data/model/metric: the user's factory and its version
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -240,8 +242,10 @@ class Tracker:
     def log_config(self, run_id: str, config: TrainConfig, sampled: dict) -> None:
         """Every parameter that applies, and config.yaml to rerun it with `train --config`."""
         params = [Param(k, str(v)) for k, v in config.active_params().items()]
+        code = [RunTag(f"{CODE_TAG}{role}", f"{ref} = {code_version(ref, config.code_dir)}")
+                for role, ref in config.user_code().items()]  # what version trained it
         self.client.log_batch(run_id, params=params, tags=[
-            RunTag("optimsweep.sampled", ",".join(sorted(sampled)))])
+            RunTag("optimsweep.sampled", ",".join(sorted(sampled))), *code])
         self.client.log_text(run_id, config_yaml(config), CONFIG_FILE)
 
     @_store_call
@@ -256,7 +260,7 @@ class Tracker:
         now = int(time.time() * 1000)
         values = {"train_loss": stats.train_loss, "val_loss": stats.val_loss,
                   "val_accuracy": stats.val_accuracy, "lr": stats.lr,
-                  "epoch_seconds": stats.seconds}
+                  "epoch_seconds": stats.seconds, **stats.extra}
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, stats.epoch)
                                                for k, v in values.items() if v is not None])
 
@@ -268,6 +272,7 @@ class Tracker:
         metrics = [Metric("test_loss", result.test_loss, now, step)]
         if result.test_accuracy is not None:
             metrics.append(Metric("test_accuracy", result.test_accuracy, now, step))
+        metrics += [Metric(k, v, now, step) for k, v in result.test_extra.items()]
         self.client.log_batch(run_id, metrics=metrics)
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifact(run_id, save_state_dict(result.model, Path(tmp) / STATE_DICT))

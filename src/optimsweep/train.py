@@ -22,15 +22,40 @@ import torch
 from torch import nn
 
 import optimsweep.numerics  # noqa: F401  (denormals flushed before any tensor work)
-from optimsweep.data import DEFAULT_VAL_SIZE, TASKS, TRAIN_POOL, Dataset, load_task
-from optimsweep.models import MODELS_BY_TASK, build_model
+from optimsweep.data import (
+    DEFAULT_VAL_SIZE,
+    IN_MEMORY_MB,
+    TASKS,
+    TRAIN_POOL,
+    Dataset,
+    StreamingData,
+    load_dataset,
+)
+from optimsweep.models import MODELS, MODELS_BY_TASK, build_model
 from optimsweep.stack import ModelStack
+from optimsweep.usercode import is_import_string, resolve
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")
 SEED_LIMIT = 2**32  # torch takes more, but numpy (Optuna's samplers) takes seeds below this
+# The seeds' losses, and what each says of the task: "classes" (accuracy of the argmax over
+# dimension 1 of the output), "binary" (accuracy of logit > 0), or None (the loss says all).
+LOSSES: dict[str, tuple[Callable[[], nn.Module], str | None]] = {
+    "cross_entropy": (nn.CrossEntropyLoss, "classes"),
+    "nll": (nn.NLLLoss, "classes"),
+    "bce_with_logits": (nn.BCEWithLogitsLoss, "binary"),
+    "mse": (nn.MSELoss, None),
+    "l1": (nn.L1Loss, None),
+    "smooth_l1": (nn.SmoothL1Loss, None),
+    "kl_div": (lambda: nn.KLDivLoss(reduction="batchmean"), None),  # the mean the math means
+}
+TASK_LOSS = {"fashion_mnist": "cross_entropy", "regression": "l1"}  # the seeds' choices
+KWARG_FIELDS = {"model_kwargs": "model.", "data_kwargs": "data."}  # flat in params and files
+# Left out of params and config files while at their defaults: they change how a run is
+# carried out, not what it learns.
+QUIET_DEFAULTS = ("metric", "code_dir", "in_memory_mb")
 
 # Parameters that only mean something for one optimizer or scheduler: they are logged,
 # exported and searched only when their condition holds.
@@ -64,8 +89,13 @@ class DivergedError(RuntimeError):
 class TrainConfig:
     """Everything one training run needs. Defaults are the seed tutorial's setup."""
 
-    task: str = "fashion_mnist"
-    model: str = "mlp"
+    task: str = "fashion_mnist"  # a built-in task, or a data factory "module:function"
+    model: str = "mlp"  # a built-in model, or a model factory "module:callable"
+    model_kwargs: dict = field(default_factory=dict)  # "model.NAME" in files and params
+    data_kwargs: dict = field(default_factory=dict)  # "data.NAME" in files and params
+    loss: str | None = None  # None: the built-in task's own (cross_entropy, l1)
+    metric: str | None = None  # a function (outputs, targets) -> float, by import string
+    code_dir: str | None = None  # the folder that makes the import strings importable
     optimizer: str = "sgd"
     lr: float = 1e-3
     momentum: float = 0.9  # optimizer: momentum
@@ -87,12 +117,34 @@ class TrainConfig:
     val_size: int | None = None  # None: the task's default (10k images for FashionMNIST)
     split_seed: int = 0  # fixes the train/validation split, separately from `seed`
     train_subset: int | None = None  # keep only the first N training examples (tests)
+    in_memory_mb: float = IN_MEMORY_MB  # larger datasets stream through a DataLoader
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.type))
-        _choose("task", self.task, TASKS)
-        _choose("model", self.model, MODELS_BY_TASK[self.task])
+        for name, value, registry, what in (("task", self.task, TASKS, "module:function"),
+                                            ("model", self.model, MODELS, "module:callable")):
+            if value not in registry and not is_import_string(value):
+                raise ConfigError(f"{name}: {value!r} is not allowed; choose one of: "
+                                  f"{', '.join(registry)}, or a factory's import string "
+                                  f"({what})")
+        if self.task in TASKS and self.model in MODELS:
+            _choose("model", self.model, MODELS_BY_TASK[self.task])
+        if self.loss is None:
+            self.loss = TASK_LOSS.get(self.task)
+        if self.loss is None:
+            raise ConfigError(f"loss: required with the data factory {self.task}; choose one "
+                              f"of: {', '.join(LOSSES)}")
+        _choose("loss", self.loss, LOSSES)
+        if self.metric is not None and not is_import_string(self.metric):
+            raise ConfigError(f"metric: {self.metric!r} is not an import string "
+                              "(module:function)")
+        for name in KWARG_FIELDS:
+            for key in getattr(self, name):
+                if not (isinstance(key, str) and key.isidentifier()):
+                    raise ConfigError(f"{KWARG_FIELDS[name]}{key}: not a keyword argument "
+                                      "name")
+        _require("in_memory_mb", self.in_memory_mb, self.in_memory_mb >= 0, "a number >= 0")
         _choose("optimizer", self.optimizer, OPTIMIZERS)
         _choose("scheduler", self.scheduler, SCHEDULERS)
         _choose("device", self.device, DEVICES)
@@ -112,17 +164,26 @@ class TrainConfig:
         for name in ("seed", "split_seed"):
             _require(name, getattr(self, name), 0 <= getattr(self, name) < SEED_LIMIT,
                      f"an integer in [0, {SEED_LIMIT - 1}]")
-        if self.val_size is None:  # written out, so exported configs say which split they used
-            self.val_size = DEFAULT_VAL_SIZE[self.task]
-        pool = TRAIN_POOL[self.task]  # the validation split is carved from these examples
-        _require("val_size", self.val_size, 1 <= self.val_size < pool,
-                 f"an integer in [1, {pool - 1}]: {self.task} has {pool} training examples "
-                 "and at least one must be left to train on")
+        if self.task in TASKS:
+            if self.val_size is None:  # written out: exported configs say which split
+                self.val_size = DEFAULT_VAL_SIZE[self.task]
+            pool = TRAIN_POOL[self.task]  # the validation split is carved from these
+            _require("val_size", self.val_size, 1 <= self.val_size < pool,
+                     f"an integer in [1, {pool - 1}]: {self.task} has {pool} training "
+                     "examples and at least one must be left to train on")
+        elif self.val_size is not None:  # a factory's size is known once it has run
+            _require("val_size", self.val_size, self.val_size >= 1, "an integer >= 1")
         if self.train_subset is not None:
             _require("train_subset", self.train_subset, self.train_subset >= 1, "an integer >= 1")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
+        values = dict(values)
+        for name, prefix in KWARG_FIELDS.items():  # "model.hidden: 16" -> model_kwargs
+            dotted = {k[len(prefix):]: values.pop(k) for k in list(values)
+                      if isinstance(k, str) and k.startswith(prefix)}
+            if dotted:
+                values[name] = {**(values.get(name) or {}), **dotted}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -137,12 +198,23 @@ class TrainConfig:
         parent, values = CONDITIONS[name]
         return getattr(self, parent) in values
 
+    def user_code(self) -> dict[str, str]:
+        """The user's own factories this config names: {"data"|"model"|"metric": ref}."""
+        refs = {"data": self.task if self.task not in TASKS else None,
+                "model": self.model if self.model not in MODELS else None,
+                "metric": self.metric}
+        return {role: ref for role, ref in refs.items() if ref is not None}
+
     def active_params(self) -> dict:
-        """Every parameter that affects this run; conditional ones only where they apply."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if self.is_active(k)}
-
-
-CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        """Every parameter that affects this run; conditional ones only where they apply;
+        factory arguments flat, as `model.NAME` and `data.NAME`."""
+        params = {}
+        for k, v in dataclasses.asdict(self).items():
+            if k in KWARG_FIELDS:
+                params.update({f"{KWARG_FIELDS[k]}{n}": x for n, x in v.items()})
+            elif self.is_active(k) and not (k in QUIET_DEFAULTS and v == CONFIG_DEFAULTS[k]):
+                params[k] = v
+        return params
 
 
 def _choose(name: str, value, allowed) -> None:
@@ -165,6 +237,10 @@ def _coerce(name: str, value, type_name: str):
         raise ConfigError(f"{name}: a value is required")
     base = type_name.replace(" | None", "")
     try:
+        if base == "dict":
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
         if base == "bool":
             if isinstance(value, bool):
                 return value
@@ -195,7 +271,8 @@ def _coerce(name: str, value, type_name: str):
 
 
 _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number",
-               "str": "a name"}
+               "str": "a name", "dict": "a mapping of keyword arguments"}
+CONFIG_DEFAULTS = dataclasses.asdict(TrainConfig())
 
 
 @dataclass
@@ -203,9 +280,14 @@ class EpochStats:
     epoch: int
     train_loss: float
     val_loss: float
-    val_accuracy: float | None  # None for regression
+    val_accuracy: float | None  # None where the loss is not a classifier's
     lr: float  # the learning rate this epoch trained with
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # val_<metric>: the user's metric
+
+    def value(self, metric: str) -> float:
+        """The value of `metric` (val_loss, val_accuracy or val_<user metric>) this epoch."""
+        return self.extra[metric] if metric in self.extra else getattr(self, metric)
 
 
 @dataclass
@@ -214,6 +296,7 @@ class FitResult:
     history: list[EpochStats] = field(default_factory=list)
     test_loss: float = math.nan
     test_accuracy: float | None = None
+    test_extra: dict[str, float] = field(default_factory=dict)  # test_<user metric>
     stopped_early: bool = False
     device: str = "cpu"
 
@@ -231,10 +314,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_data(config: TrainConfig) -> Dataset:
-    """The dataset `config` trains on: its task and split, on its device."""
-    return load_task(config.task, device=resolve_device(config.device), val_size=config.val_size,
-                     split_seed=config.split_seed, train_subset=config.train_subset)
+def load_data(config: TrainConfig) -> Dataset | StreamingData:
+    """The data `config` trains on: its factory's, split as it says, on its device."""
+    return load_dataset(config.task, config.data_kwargs, code_dir=config.code_dir,
+                        device=resolve_device(config.device), val_size=config.val_size,
+                        split_seed=config.split_seed, train_subset=config.train_subset,
+                        in_memory_mb=config.in_memory_mb)
 
 
 def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -264,16 +349,23 @@ def build_scheduler(config: TrainConfig, optimizer):
     return None
 
 
-def loss_function(task: str) -> nn.Module:
-    # The seeds: cross-entropy for the classifier, L1 (mean absolute error) for the line.
-    return nn.CrossEntropyLoss() if task == "fashion_mnist" else nn.L1Loss()
+def loss_function(name: str) -> nn.Module:
+    return LOSSES[name][0]()
+
+
+def metric_name(ref: str) -> str:
+    """"my_metrics:f1" -> "f1": logged as val_f1 and test_f1."""
+    return ref.split(":")[1].split(".")[-1]
 
 
 def group_key(config: TrainConfig) -> tuple:
     """Configurations with the same key can be trained as one fused group: the same model
-    and data, cut into the same number of batches of the same shape."""
-    return (config.task, config.model, config.batch_size, config.device, config.precision,
-            config.val_size, config.split_seed, config.train_subset)
+    (architecture included) and data, cut into the same number of batches of the same
+    shape, scored the same way."""
+    return (config.task, config.model, repr(sorted(config.model_kwargs.items())),
+            repr(sorted(config.data_kwargs.items())), config.loss, config.metric,
+            config.code_dir, config.batch_size, config.device, config.precision,
+            config.val_size, config.split_seed, config.train_subset, config.in_memory_mb)
 
 
 def default_fuse(device: torch.device) -> int:
@@ -329,19 +421,18 @@ class _Member:
 
 
 def _train_epoch(stack: ModelStack, optimizers: list, generators: list[torch.Generator],
-                 loss_fn, x, y, batch_size: int, precision: str) -> torch.Tensor:
-    """One pass over (x, y) for every member, each in its own shuffled order; returns the
-    (batches, K) losses. They stay on the device until the epoch ends (no per-step sync)."""
+                 loss_fn, data, batch_size: int, precision: str) -> torch.Tensor:
+    """One pass over the training data for every member, each in its own shuffled order;
+    returns the (batches, K) losses. They stay on the device until the epoch ends (no
+    per-step sync)."""
     stack.train()
-    n = x.shape[0]
-    order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(x.device)
-    n_batches = math.ceil(n / batch_size)
-    losses = torch.empty(n_batches, len(optimizers), device=x.device)
-    for step in range(n_batches):
-        idx = order[:, step * batch_size : (step + 1) * batch_size]
-        with _autocast(x.device, precision):
-            out = stack.forward(x[idx])
-        loss = _member_losses(loss_fn, out, y[idx])
+    n = data.sizes[0]
+    orders = torch.stack([torch.randperm(n, generator=g) for g in generators])
+    losses = torch.empty(math.ceil(n / batch_size), len(optimizers), device=data.device)
+    for step, (x, y) in enumerate(data.train_batches(orders, batch_size)):
+        with _autocast(data.device, precision):
+            out = stack.forward(x)
+        loss = _member_losses(loss_fn, out, y)
         stack.zero_grad()
         loss.sum().backward()  # members share no weights: each gets its own loss's gradient
         stack.share_grads()
@@ -353,9 +444,10 @@ def _train_epoch(stack: ModelStack, optimizers: list, generators: list[torch.Gen
 
 def train_epoch(model, loss_fn, optimizer, x, y, batch_size: int, generator, epoch: int,
                 precision: str = "fp32") -> float:
-    """One epoch of one model, as `fit` trains it; returns the mean batch loss.
-    Raises DivergedError at the first non-finite loss."""
-    losses = _train_epoch(ModelStack([model]), [optimizer], [generator], loss_fn, x, y,
+    """One epoch of one model on tensors (x, y), as `fit` trains it; returns the mean batch
+    loss. Raises DivergedError at the first non-finite loss."""
+    data = Dataset(x, y, x[:0], y[:0], x[:0], y[:0])
+    losses = _train_epoch(ModelStack([model]), [optimizer], [generator], loss_fn, data,
                           batch_size, precision)[:, 0]
     problem = _diverged(losses, epoch)
     if problem is not None:
@@ -363,32 +455,72 @@ def train_epoch(model, loss_fn, optimizer, x, y, batch_size: int, generator, epo
     return float(losses.mean())
 
 
+@dataclass
+class _Scoring:
+    """How outputs are scored: the loss, what kind of task it says, the user's metric."""
+
+    loss_fn: nn.Module
+    kind: str | None  # see LOSSES
+    metric: Callable | None = None
+    metric_name: str = ""
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> _Scoring:
+        fn, kind = LOSSES[config.loss]
+        metric = resolve(config.metric, config.code_dir) if config.metric else None
+        return cls(fn(), kind, metric, metric_name(config.metric) if metric else "")
+
+    def correct(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(K, batch, ...) outputs -> each member's count of correct predictions."""
+        if self.kind == "classes":
+            if target.is_floating_point():  # class probabilities
+                target = target.argmax(1)
+            hits = out.argmax(2) == target
+        else:
+            hits = (out > 0) == (target > 0.5)
+        return hits.flatten(1).sum(1)
+
+
 @torch.inference_mode()
-def _evaluate(stack: ModelStack, loss_fn, x, y, precision: str,
-              batch_size: int = 4096) -> list[tuple[float, float | None]]:
-    """Each member's mean loss and, for classifiers, accuracy in [0, 1] over (x, y)."""
+def _evaluate(stack: ModelStack, scoring: _Scoring, data, split: str,
+              precision: str) -> list[tuple[float, float | None, dict]]:
+    """Each member's mean loss, accuracy in [0, 1] (classification losses) and user metric
+    over the data's `split` ("val" or "test")."""
     stack.train(False)
     k = len(stack)
-    total_loss = torch.zeros(k, device=x.device)
-    correct = torch.zeros(k, device=x.device, dtype=torch.long)
-    classify = y.dtype == torch.long
-    for start in range(0, x.shape[0], batch_size):
-        with _autocast(x.device, precision):
-            out = stack.forward_shared(x[start : start + batch_size])
-        target = y[start : start + batch_size]
-        total_loss += _member_losses(loss_fn, out, target.expand(k, *target.shape)) \
-            * target.shape[0]
-        if classify:
-            correct += (out.argmax(-1) == target).sum(1)
-    n = x.shape[0]
-    return [(float(total_loss[i]) / n, int(correct[i]) / n if classify else None)
+    total_loss = torch.zeros(k, device=data.device)
+    correct = torch.zeros(k, device=data.device, dtype=torch.long)
+    n = targets = 0
+    outputs, kept = [], []
+    for x, target in data.eval_batches(split):
+        with _autocast(data.device, precision):
+            out = stack.forward_shared(x)
+        total_loss += _member_losses(scoring.loss_fn, out,
+                                     target.expand(k, *target.shape)) * target.shape[0]
+        n += target.shape[0]
+        if scoring.kind is not None:
+            correct += scoring.correct(out, target)
+            targets += target.numel() // (target.shape[1] if scoring.kind == "classes" and
+                                          target.is_floating_point() else 1)
+        if scoring.metric is not None:
+            outputs.append(out.float())
+            kept.append(target)
+    extra = [{} for _ in range(k)]
+    if scoring.metric is not None:
+        out, target = torch.cat(outputs, 1), torch.cat(kept)
+        for i in range(k):
+            extra[i][f"{split}_{scoring.metric_name}"] = float(scoring.metric(out[i], target))
+    return [(float(total_loss[i]) / n,
+             int(correct[i]) / targets if scoring.kind is not None else None, extra[i])
             for i in range(k)]
 
 
 def evaluate(model: nn.Module, loss_fn, x, y, precision: str = "fp32") -> tuple[float,
                                                                                 float | None]:
-    """Mean loss and, for classifiers, accuracy in [0, 1] of one model over (x, y)."""
-    return _evaluate(ModelStack([model]), loss_fn, x, y, precision)[0]
+    """Mean loss and, for class labels (long y), accuracy in [0, 1] of one model on (x, y)."""
+    scoring = _Scoring(loss_fn, "classes" if y.dtype == torch.long else None)
+    data = Dataset(x[:0], y[:0], x[:0], y[:0], x, y)
+    return _evaluate(ModelStack([model]), scoring, data, "test", precision)[0][:2]
 
 
 def _diverged(losses: torch.Tensor, epoch: int) -> DivergedError | None:
@@ -437,15 +569,21 @@ def fit_group(
     device = resolve_device(first.device)
     precision = resolve_precision(first.precision, device)
     data = data.to(device)
-    loss_fn = loss_function(first.task)
+    scoring = _Scoring.of(first)
+    callbacks = on_epoch or [None] * len(configs)
     models = []
     for config in configs:
         torch.manual_seed(config.seed)  # its initial weights: those it gets alone
-        models.append(build_model(config.model).to(device))
+        models.append(build_model(config.model, config.model_kwargs,
+                                  config.code_dir).to(device))
+    if len(configs) > 1 and (data.streaming or any(
+            next(iter(m.buffers()), None) is not None for m in models)):
+        # Streamed batches can't be cut K ways at once, and buffers (BatchNorm statistics)
+        # can't be stacked: these members train one after another.
+        return [fit_group([c], data, [cb])[0] for c, cb in zip(configs, callbacks, strict=True)]
     stack = ModelStack(models)
     members = []
-    for k, (config, callback) in enumerate(zip(configs, on_epoch or [None] * len(configs),
-                                               strict=True)):
+    for k, (config, callback) in enumerate(zip(configs, callbacks, strict=True)):
         optimizer = build_optimizer(config, stack.optimizer_params(k))
         members.append(_Member(config, models[k], optimizer, build_scheduler(config, optimizer),
                                torch.Generator().manual_seed(config.seed), callback,
@@ -459,9 +597,9 @@ def fit_group(
         group = [members[i] for i in live]
         lrs = [m.optimizer.param_groups[0]["lr"] for m in group]
         losses = _train_epoch(stack, [m.optimizer for m in group],
-                              [m.generator for m in group], loss_fn, data.train_x,
-                              data.train_y, first.batch_size, precision)
-        validation = _evaluate(stack, loss_fn, data.val_x, data.val_y, precision)
+                              [m.generator for m in group], scoring.loss_fn, data,
+                              first.batch_size, precision)
+        validation = _evaluate(stack, scoring, data, "val", precision)
         share = (time.perf_counter() - start) / len(group)  # each member's part of the epoch
         leaving: dict[int, Exception | None] = {}
         for k, member in enumerate(group):
@@ -469,8 +607,9 @@ def fit_group(
                 problem = _diverged(losses[:, k], epoch)
                 if problem is not None:
                     raise problem
-                stats = EpochStats(epoch, float(losses[:, k].mean()), *validation[k], lrs[k],
-                                   share)
+                val_loss, val_accuracy, extra = validation[k]
+                stats = EpochStats(epoch, float(losses[:, k].mean()), val_loss, val_accuracy,
+                                   lrs[k], share, extra)
                 if _end_of_epoch(member, stats):
                     leaving[k] = None
             except Exception as exc:  # noqa: BLE001  (this member's end, not the group's)
@@ -482,8 +621,8 @@ def fit_group(
             member = group[k]
             if problem is None:
                 result = member.result
-                result.test_loss, result.test_accuracy = evaluate(
-                    member.model, loss_fn, data.test_x, data.test_y, precision)
+                result.test_loss, result.test_accuracy, result.test_extra = _evaluate(
+                    ModelStack([member.model]), scoring, data, "test", precision)[0]
             outcomes[live[k]] = member.result if problem is None else problem
         live = [i for k, i in enumerate(live) if k not in leaving]
     return [outcomes[i] for i in range(len(members))]

@@ -254,7 +254,7 @@ def _watch(study: optuna.Study, member: _Member, ctx: StudyContext, tracker: Tra
     def on_epoch(stats) -> bool:
         signals.check()  # a Ctrl-C whose first raise Python dropped stops here
         tracker.log_epoch(member.run_id, stats)
-        value = getattr(stats, metric)
+        value = stats.value(metric)
         if not math.isfinite(value):
             raise DivergedError(stats.epoch, 0, value, what=metric)
         storage_call(trial.report, value, stats.epoch)
@@ -267,12 +267,12 @@ def _watch(study: optuna.Study, member: _Member, ctx: StudyContext, tracker: Tra
 def _finish(member: _Member, result, metric: str, tracker: Tracker) -> None:
     tracker.log_result(member.run_id, result)
     for key, value in (("test_loss", result.test_loss),
-                       ("test_accuracy", result.test_accuracy),
+                       ("test_accuracy", result.test_accuracy), *result.test_extra.items(),
                        ("epochs_run", len(result.history))):
         if value is not None:
             storage_call(member.trial.set_user_attr, key, value)
     member.outcome.end(state="pruned" if result.stopped_early else "complete",
-                       value=getattr(result.final, metric), error=None, counted=True,
+                       value=result.final.value(metric), error=None, counted=True,
                        test_accuracy=result.test_accuracy)
 
 
@@ -286,7 +286,7 @@ def run_confirmation(tracker: Tracker, ctx: StudyContext, trial_number: int,
     with owned_run(tracker, run_id) as outcome:
         tracker.log_config(run_id, config, sampled)
         result = _fit_logged(tracker, run_id, config, data)
-        value = getattr(result.final, ctx.spec.metric)
+        value = result.final.value(ctx.spec.metric)
         if not math.isfinite(value):
             raise DivergedError(result.final.epoch, 0, value, what=ctx.spec.metric)
         outcome.end(state="complete", value=value, error=None, counted=True,
