@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from optimsweep.data import load_fashion_mnist, make_regression
+
+# The MLflow servers the tests start (`mlflow server` for `servers` below and the tests that
+# restart it, `mlflow ui` for test_ui) inherit this: without it, each start also launches
+# MLflow's job runner, some ten more Python processes (Huey consumers for MLflow's GenAI
+# jobs) that import MLflow for about 20 CPU seconds, competing with the processes under test
+# on a 2-core machine and making every stop and restart slower. optimsweep submits no jobs;
+# the tracking API and the UI the tests use are served the same either way.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +38,9 @@ def line():
 @pytest.fixture(scope="session")
 def servers():
     """A real PostgreSQL and `mlflow server`, started by the same code as `make services`
-    (installing Debian's postgresql where it is missing and we are root), stopped after.
-    Where they can't be had the tests skip, except in CI, where that is a failure."""
-    import os
+    (installing Debian's postgresql where it is missing and we are root), stopped after;
+    without MLflow's job runner (see above). Where they can't be had the tests skip, except
+    in CI, where that is a failure."""
     import shutil
     import socket
     import tempfile

@@ -21,10 +21,12 @@ from sweeps import fashion_sweep, line_sweep, load
 from test_models import TutorialNeuralNetwork
 
 
-@pytest.fixture
-def tiny_study(tmp_path):
-    """Three real FashionMNIST trials on 1k images; returns the sweep file's path."""
-    path = fashion_sweep(tmp_path)
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Three real FashionMNIST trials on 1k images; returns the sweep file's path. Run once
+    for the module: the tests using it only read the study and export into their own
+    tmp_path."""
+    path = fashion_sweep(tmp_path_factory.mktemp("tiny_study"))
     run_sweep(load(path), progress=False)
     return path
 

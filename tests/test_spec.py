@@ -205,7 +205,8 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_the_readme_example_is_a_valid_sweep_file():
     """The documented full example stays in step with what the parser accepts."""
     readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
-    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    full = readme.split("## Sweep files", 1)[1]
+    example = full.split("```yaml\n", 1)[1].split("```", 1)[0]
     spec = parse_spec(example, "README.md")
     assert spec.search_space["momentum"].when == {"optimizer": ("momentum",)}
     assert spec.search_space["weight_decay"].when == {"optimizer": ("sgd", "momentum")}

@@ -212,6 +212,18 @@ def test_bad_user_code_is_one_line_naming_the_key_before_any_store_exists(
     assert not (tmp_path / "stores").exists()  # no study, no trial, no run
 
 
+def test_the_readme_example_of_your_own_model_is_a_valid_sweep_file(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    own = readme.split("## Sweep your own model", 1)[1]
+    (tmp_path / "sweep.yaml").write_text(own.split("```yaml\n", 1)[1].split("```", 1)[0])
+    (tmp_path / "my_data.py").write_text(DATA)
+    (tmp_path / "my_models.py").write_text(MODELS)
+    spec = load_spec(tmp_path / "sweep.yaml")
+    assert spec.base_config()["model.depth"] == 2 and "model.hidden" in spec.search_space
+    assert (spec.task, spec.model, spec.loss) == ("my_data:load", "my_models:build",
+                                                  "cross_entropy")
+
+
 def test_an_error_in_user_code_fails_that_trial_with_its_traceback_and_the_sweep_goes_on(
         tmp_path):
     path = own_sweep(tmp_path, search_space={

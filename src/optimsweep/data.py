@@ -317,11 +317,15 @@ def load_dataset(
         train_idx = train_idx[:train_subset]
     device = torch.device(device)
     if _is_dataset(train):
-        size = _bytes(train[0]) * (len(train) + len(test))
-        if size > in_memory_mb * 2**20:
-            return StreamingData(Subset(train, train_idx.tolist()),
-                                 Subset(train, val_idx.tolist()), test, device, split_seed)
-        train, test = _tensors(train), _tensors(test)
+        try:
+            size = _bytes(train[0]) * (len(train) + len(test))
+            if size > in_memory_mb * 2**20:
+                return StreamingData(Subset(train, train_idx.tolist()),
+                                     Subset(train, val_idx.tolist()), test, device, split_seed)
+            train, test = _tensors(train), _tensors(test)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DataError(f"{where}: its Datasets' (x, y) items should be tensors or "
+                            f"numbers (add a transform such as ToTensor): {exc}") from exc
     (x, y), (test_x, test_y) = train, test
     return Dataset(train_x=x[train_idx].to(device), train_y=y[train_idx].to(device),
                    val_x=x[val_idx].to(device), val_y=y[val_idx].to(device),

@@ -212,6 +212,9 @@ def start_mlflow(endpoints: Endpoints) -> None:
     (folder / "artifacts").mkdir(exist_ok=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": endpoints.database_url("mlflow")}
+    # MLflow's job runner (some ten Huey processes for its GenAI jobs, each importing MLflow)
+    # would take CPU from the workers it serves; optimsweep submits no jobs.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log, "ab") as out:
         process = subprocess.Popen(
