@@ -14,6 +14,7 @@ and ratios are taken within each round: this machine's speed drifts by up to 1.7
 minutes, and a slow phase then hits both sides of a ratio. Medians over rounds are printed.
 
 Usage: python benchmarks/bench_core.py [--device cpu|cuda] [--rounds 3] [--train-images N]
+       [--roofline-sizes 2048,4096]
 """
 
 from __future__ import annotations
@@ -163,7 +164,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-images", type=int, default=None,
                         help="time epochs over the first N training images only (a quick check)")
+    parser.add_argument("--roofline-sizes", default="2048,4096",
+                        help="square matrix sizes whose best multiply is the roofline (a quick "
+                             "check can skip 4096, which takes most of a round on a CPU)")
     args = parser.parse_args()
+    roofline_sizes = [int(size) for size in args.roofline_sizes.split(",")]
     device = torch.device(args.device)
     prepare_fashion_mnist()
     data = load_fashion_mnist(device=device, train_subset=args.train_images)
@@ -183,7 +188,7 @@ def main() -> None:
           f" {'core 256 / roof':>16}")
     for r in range(1, args.rounds + 1):
         t, c64, f64, c256 = tutorial.epoch(), core64.epoch(), floor64.epoch(), core256.epoch()
-        roof = max(matmul_roofline(device, size) for size in (2048, 4096))
+        roof = max(matmul_roofline(device, size) for size in roofline_sizes)
         row = {"tutorial": t[0], "core64": c64[0], "floor64": f64, "core256": c256[0],
                "roof": roof, "speedup": t[0] / c64[0], "speedup_eval": t[1] / c64[1],
                "ceiling": t[0] / f64, "core_over_floor": c64[0] / f64,

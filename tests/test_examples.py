@@ -55,7 +55,7 @@ def sweep_export_reproduce(path: Path, tmp_path: Path, capsys) -> tuple[dict, di
 
 
 def test_the_seeds_linear_regression_as_a_package(tmp_path, capsys):
-    path = example_copy(tmp_path, "linear_regression", {"n_trials": 3, "epochs": 20})
+    path = example_copy(tmp_path, "linear_regression", {"n_trials": 2, "epochs": 20})
     config, metrics, trained = sweep_export_reproduce(path, tmp_path, capsys)
     assert config["task"] == "linreg:line" and config["loss"] == "l1"
     assert f"Avg loss: {metrics['final_epoch']['test_loss']:.6f}" in trained  # reproduced
@@ -69,7 +69,7 @@ def test_the_seeds_linear_regression_as_a_package(tmp_path, capsys):
 @pytest.mark.learning
 def test_the_seeds_cnn_on_fashion_mnist_as_a_package(tmp_path, capsys):
     path = example_copy(tmp_path, "fashion_cnn", {"n_trials": 2, "epochs": 1},
-                        data={"kwargs": {"n_train": 1500, "n_test": 500}, "val_size": 500})
+                        data={"kwargs": {"n_train": 1000, "n_test": 300}, "val_size": 300})
     config, metrics, trained = sweep_export_reproduce(path, tmp_path, capsys)
     assert "model.hidden" in config and config["model.num_classes"] == 10
     accuracy = metrics["final_epoch"]["test_accuracy"]
@@ -77,8 +77,8 @@ def test_the_seeds_cnn_on_fashion_mnist_as_a_package(tmp_path, capsys):
     net = own_class(path.parent, "fashion_cnn", "Net")(hidden=config["model.hidden"])
     net.load_state_dict(torch.load(tmp_path / "export" / "state_dict.pt", weights_only=True))
     x, y = next(iter(torch.utils.data.DataLoader(
-        own_class(path.parent, "fashion_cnn", "load")(n_train=1, n_test=500)[1],
-        batch_size=500)))
+        own_class(path.parent, "fashion_cnn", "load")(n_train=1, n_test=300)[1],
+        batch_size=300)))
     with torch.no_grad():
         assert (net(x).argmax(1) == y).float().mean().item() == pytest.approx(accuracy,
                                                                                abs=1e-6)

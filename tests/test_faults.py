@@ -134,10 +134,10 @@ def test_a_signal_mid_trial_closes_it_uncounted_and_the_baseline_runs_again(
     assert trials[1].state.name == "COMPLETE" and trials[1].user_attrs["baseline"] is True
 
 
-def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path):
-    """SIGKILL gives no chance to clean up: the next command (here `export`, then `sweep`)
-    fails the dead process's trial and its run, closes the study's run, and the budget
-    still ends exact."""
+def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path, capsys):
+    """SIGKILL gives no chance to clean up: the next command (here `export`, then `sweep`,
+    both run in this process, which is not the dead one) fails the dead process's trial and
+    its run, closes the study's run, and the budget still ends exact."""
     path = slow_line(tmp_path)
     spec = load(path)
     process = start("sweep", path, "--no-progress", cwd=tmp_path)
@@ -147,8 +147,7 @@ def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path):
     process.communicate()
     assert running_trial(spec) is not None  # nobody has repaired anything yet
 
-    code, out, err = finish(start("export", path, "--out", tmp_path / "best",
-                                       cwd=tmp_path))
+    code, out, err = run_cli(capsys, "export", path, "--out", tmp_path / "best")
     assert code == 0, err
     assert "trial 1: its process had ended" in err
     _, _, trials = assert_invariant(spec)
@@ -497,3 +496,21 @@ def test_sigterm_to_a_sweep_with_workers_closes_every_workers_trial(tmp_path):
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert len(interrupted) == 2 and len({t.user_attrs["pid"] for t in interrupted}) == 2
     assert mlflow_runs(spec, "study")[1][0].info.status == "KILLED"
+
+
+def test_a_damaged_mlflow_schema_template_is_replaced_not_copied(tmp_path, monkeypatch):
+    """New tracking stores are copies of one migrated empty database per machine; a torn
+    template is dropped, the store is migrated in place, and the next store gets a whole
+    template again."""
+    from optimsweep.tracking import Tracker
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    assert first.experiment_id("one")
+    template = next((tmp_path / "cache" / "optimsweep").glob("mlflow-*-schema.db"))
+    whole = template.read_bytes()
+    template.write_bytes(whole[: len(whole) // 3])  # torn, as by a full disk
+    second = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    assert second.experiment_id("two") and not template.exists()
+    Tracker(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}").experiment_id("three")
+    assert template.read_bytes()[:16] == b"SQLite format 3\x00"

@@ -222,7 +222,7 @@ def test_tracking_server_gone_past_store_timeout_stops_worker_then_next_sweep_re
     """Stopped mid-trial and not back within store_timeout: the worker stops with one line
     (exit 3) within about store_timeout, its trial failed and uncounted; with the server
     back, the next sweep repairs the records and finishes the budget exactly."""
-    store_timeout = 3
+    store_timeout = 2  # MLflow's retries then wait 1 + 2 s (3 s would be 1 + 2 + 4 s)
     # What an earlier sweep in this process (store_timeout 60, as in-process tests run)
     # leaves in os.environ, which the worker inherits: it still keeps to its own timeout.
     configure_http_retries(60)

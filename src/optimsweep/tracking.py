@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -111,8 +112,49 @@ def is_missing(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+def _migrated_tables(url: str) -> None:
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+
+
+def _schema_template() -> Path | None:
+    """An empty database with MLflow's tables at this version's schema, made once per
+    machine and copied for every new store: MLflow builds its schema in some 60 migrations,
+    seconds of work for each new store. None where the cache can't be written."""
+    import mlflow
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimsweep"
+    template = cache / f"mlflow-{mlflow.__version__}-schema.db"
+    try:
+        create_sqlite_atomically(template, _migrated_tables)
+    except Exception:  # noqa: BLE001  (a read-only home: migrate in place instead)
+        return None
+    return template
+
+
 def _initialize_mlflow_db(url: str) -> None:
+    template, path = _schema_template(), Path(url.removeprefix("sqlite:///"))
+    if template is not None:
+        shutil.copyfile(template, path)
+        try:  # creates MLflow's default experiment in the copied tables
+            MlflowClient(url).search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001  (a damaged template: drop it, migrate in place)
+            _dispose(url)
+            template.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        else:
+            return _dispose(url)
     MlflowClient(url).search_experiments(max_results=1)  # creates and migrates the tables
+    _dispose(url)
+
+
+def _dispose(url: str) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(url, None)
