@@ -8,11 +8,13 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from sqlalchemy import event
 
 import optimsweep.train
 from optimsweep.storage import StoreError
@@ -463,6 +465,63 @@ def test_confirm_fails_one_seeds_run_and_goes_on(tmp_path, monkeypatch):
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED",
                                                    "FINISHED"]
     assert_invariant(load(path))
+
+
+@pytest.fixture
+def ctrl_c_as_the_cli_handles_it():
+    """This process's SIGINT and SIGTERM handled as `optimsweep` handles them."""
+    from optimsweep.signals import stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+    stop_on_signals()
+    yield
+    stop_on_signals()  # forgets the signal the test sent, which check() would raise again
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+    sys.unraisablehook = hook
+
+
+@pytest.mark.parametrize("moment", ["creating the run", "logging an epoch"])
+def test_a_ctrl_c_before_a_tracking_write_commits_is_raised_after_it(
+        tmp_path, ctrl_c_as_the_cli_handles_it, moment):
+    """A real SIGINT that arrives while MLflow's SQLite store is being written, before the
+    write commits (sent from SQLAlchemy's before-commit hook), is raised once the write is
+    done, and the trial's run is closed at once. Raised inside the write, it left a pooled
+    connection holding the database's write lock: closing the run waited 20 s for it,
+    failed, and left the run RUNNING. Raised just after the run was created, before its
+    owner had it, it left the run RUNNING too."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from optimsweep.signals import Interrupted
+    from optimsweep.tracking import Tracker
+    from optimsweep.train import EpochStats
+    from optimsweep.trial import owned_run
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracker.experiment_id("writes")
+    engine = SqlAlchemyStore._engine_map[tracker.uri]
+    sent = []
+
+    def ctrl_c_before_commit(conn):
+        if not sent:
+            sent.append(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if moment == "creating the run":
+        event.listen(engine, "commit", ctrl_c_before_commit)
+    with pytest.raises(Interrupted):
+        with owned_run(tracker, lambda: tracker.start_run(experiment, None, "writes", 0)
+                       ) as outcome:
+            event.listen(engine, "commit", ctrl_c_before_commit)
+            tracker.log_epoch(outcome.run_id, EpochStats(epoch=1, train_loss=0.9, val_loss=0.8,
+                                                         val_accuracy=0.5, lr=0.1, seconds=1))
+    event.remove(engine, "commit", ctrl_c_before_commit)
+    (run,) = tracker.runs(experiment, "trial")
+    assert sent and run.info.status == "FAILED"
+    assert run.data.tags["optimsweep.error"].startswith("interrupted")
+    if moment == "logging an epoch":
+        assert run.data.metrics["val_loss"] == 0.8  # the write it came in is whole
 
 
 def test_ctrl_c_during_confirm_closes_its_run(tmp_path):

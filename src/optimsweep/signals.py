@@ -1,9 +1,13 @@
 """SIGTERM means what Ctrl-C means: stop, close the trial that is running, keep the records.
 
-The handler raises Interrupted wherever the program is, so a long epoch stops at once. Python
-drops an exception raised inside a weakref callback or __del__ ("Exception ignored in …"),
-so the signal is also remembered, and `check()` at the loop's safe points (each epoch, each
-claim, the parent's wait for its workers) raises it again if it was lost.
+The handler raises Interrupted wherever the program is, so a long epoch stops at once, except
+inside `held()` blocks: the calls to the stores. A KeyboardInterrupt raised inside SQLite's
+commit can leave its connection holding the database's write lock, and every later write of
+the process (closing the runs) then waits on it for good. There the signal is noted and
+raised as the block ends; a second one does not wait. Python drops an exception raised
+inside a weakref callback or __del__ ("Exception ignored in …"), so the signal is also
+remembered, and `check()` at the loop's safe points (each epoch, each claim, the parent's
+wait for its workers) raises it again if it was lost.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import signal
 import sys
 import threading
 
-_received: int | None = None
+_received: int | None = None  # the signal this process is stopping for
+_deferred: int | None = None  # one that came inside a held() block, raised as it ends
+_depth = 0  # held() blocks open in the main thread
 
 
 class Interrupted(KeyboardInterrupt):
@@ -32,15 +38,18 @@ def stop_on_signals(*, once: bool = False) -> None:
     """Raise Interrupted in the main thread on SIGINT or SIGTERM. With `once`, a second
     signal is ignored, so the first one's clean-up (closing the runs) is not cut short: for
     worker processes, which their parent kills outright if they take too long."""
-    global _received
-    _received = None
+    global _received, _deferred
+    _received = _deferred = None
 
     def handler(signum, frame):
-        global _received
+        global _received, _deferred
         _received = signum
         if once:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if _depth and _deferred is None:
+            _deferred = signum
+            return
         raise Interrupted(signum)
 
     signal.signal(signal.SIGINT, handler)
@@ -56,16 +65,21 @@ def stop_on_signals(*, once: bool = False) -> None:
 
 @contextlib.contextmanager
 def held():
-    """Ctrl-C and SIGTERM wait until the block is done (they are delivered as it ends), for
-    steps a KeyboardInterrupt must not cut in half. Only the main thread receives them."""
+    """Ctrl-C and SIGTERM wait until the block is done (they are raised as it ends), for
+    steps a KeyboardInterrupt must not cut in half. Python runs signal handlers in the main
+    thread only, whichever thread the signal reached; other threads' blocks hold nothing."""
+    global _depth, _deferred
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        _depth -= 1
+        if _depth == 0 and _deferred is not None:
+            signum, _deferred = _deferred, None
+            raise Interrupted(signum)
 
 
 def check() -> None:

@@ -110,7 +110,8 @@ def storage_call(fn, *args, retry: bool = True, **kwargs):
     deadline, pause = time.monotonic() + RESILIENCE.store_timeout, 0.5
     while True:
         try:
-            return fn(*args, **kwargs)
+            with signals.held():  # not between a write and its commit
+                return fn(*args, **kwargs)
         except (StoreError, KeyboardInterrupt):
             raise
         except Exception as exc:

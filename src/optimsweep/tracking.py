@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from optimsweep import signals
 from optimsweep.artifacts import save_state_dict
 from optimsweep.atomic import create_sqlite_atomically
 from optimsweep.provenance import provenance
@@ -163,12 +164,14 @@ def _dispose(url: str) -> None:
 
 
 def _store_call(method):
-    """Turn any failure of the store into a StoreError that names the store."""
+    """Turn any failure of the store into a StoreError that names the store. Ctrl-C waits
+    for the call to end (see signals)."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         try:
-            return method(self, *args, **kwargs)
+            with signals.held():
+                return method(self, *args, **kwargs)
         except StoreError:
             raise
         except Exception as exc:

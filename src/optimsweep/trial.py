@@ -10,6 +10,7 @@ command opens the study.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -57,11 +58,12 @@ class Outcome:
     traceback: str | None = None
     counted: bool = False
     test_accuracy: float | None = None
+    run_id: str | None = None  # its MLflow run, once created
 
     def end(self, **how) -> None:
         """Record how it ended; what `how` leaves out takes the defaults above (failed,
         interrupted, not counted)."""
-        vars(self).update(vars(Outcome(**how)))
+        vars(self).update(vars(Outcome(**how, run_id=self.run_id)))
 
 
 def _record_failure(outcome: Outcome, exc: BaseException) -> bool:
@@ -80,24 +82,30 @@ def _record_failure(outcome: Outcome, exc: BaseException) -> bool:
 
 
 @contextmanager
-def owned_run(tracker: Tracker, run_id: str,
+def owned_run(tracker: Tracker, start: Callable[[], str],
               before_close: Callable[[Outcome], None] | None = None) -> Iterator[Outcome]:
-    """The block trains and logs into run `run_id` and sets the yielded Outcome. Whatever
-    happens, the run is closed in the outcome's state (after `before_close(outcome)`, which
-    tells Optuna). Any exception of the block fails the run and is swallowed, except
-    Ctrl-C/SIGTERM and store failures, which fail it and go on up to stop the sweep."""
+    """Create a run with `start()` (which returns its id); the block trains and logs into
+    it and sets the yielded Outcome (whose `run_id` it is). Whatever happens, the run is
+    closed in the outcome's state (after `before_close(outcome)`, which tells Optuna). Any
+    exception of the block fails the run and is swallowed, except Ctrl-C/SIGTERM and store
+    failures, which fail it and go on up to stop the sweep. A Ctrl-C that comes while the
+    run is created closes it too: it is raised once this function owns the run."""
     outcome, propagating = Outcome(), False
     try:
+        with signals.held():
+            outcome.run_id = start()
         yield outcome
     except (KeyboardInterrupt, Exception) as exc:
+        if outcome.run_id is None:
+            raise  # no run to close: its trial stays RUNNING for the repair
         propagating = _record_failure(outcome, exc)
         if propagating:
             raise
     finally:
         problems = []
-        for close in (before_close, lambda o: tracker.finish_run(run_id, o.state, o.error,
+        for close in (before_close, lambda o: tracker.finish_run(o.run_id, o.state, o.error,
                                                                  o.traceback)):
-            if close is None:
+            if close is None or outcome.run_id is None:
                 continue
             try:
                 close(outcome)
@@ -203,23 +211,13 @@ def _run_fused(study: optuna.Study, group: list[_Member], ctx: StudyContext, dat
     with ExitStack() as lives:
         for member in group:
             trial = member.trial
-            # Until this run exists the trial stays RUNNING: if we die here, reconcile
-            # gives it a run and fails it, so no finished trial is ever without one.
-            retry_of = trial.user_attrs.get("retry_of")
-            member.run_id = tracker.start_run(
-                ctx.experiment_id, ctx.parent_run_id, spec.name, trial.number,
-                tags={"optimsweep.device": str(data.device),
-                      "optimsweep.fused": str(len(group)),  # members of its group
-                      **({"optimsweep.precision": train.resolve_precision(
-                          member.config.precision, data.device)}
-                         if member.config is not None else {}),
-                      **({"optimsweep.retry_of": str(retry_of)}
-                         if retry_of is not None else {})})
-            storage_call(trial.set_user_attr, "mlflow_run_id", member.run_id)
             lives.enter_context(heartbeat(study._storage, trial._trial_id))
+            # Until its run exists the trial stays RUNNING: if we die here, reconcile
+            # gives it a run and fails it, so no finished trial is ever without one.
             member.outcome = lives.enter_context(owned_run(
-                tracker, member.run_id,
-                lambda o, t=trial, r=member.run_id: _tell(study, t, o, tracker, r)))
+                tracker, functools.partial(_start_trial_run, member, len(group), ctx, data.device,
+                                           tracker),
+                lambda o, t=trial: _tell(study, t, o, tracker, o.run_id)))
         fitting = []
         for member in group:
             try:
@@ -245,6 +243,21 @@ def _run_fused(study: optuna.Study, group: list[_Member], ctx: StudyContext, dat
                     stopping.append(exc)
     if stopping:
         raise stopping[0]
+
+
+def _start_trial_run(member: _Member, group_size: int, ctx: StudyContext, device,
+                     tracker: Tracker) -> str:
+    trial, retry_of = member.trial, member.trial.user_attrs.get("retry_of")
+    member.run_id = tracker.start_run(
+        ctx.experiment_id, ctx.parent_run_id, ctx.spec.name, trial.number,
+        tags={"optimsweep.device": str(device),
+              "optimsweep.fused": str(group_size),  # members of its group
+              **({"optimsweep.precision": train.resolve_precision(member.config.precision,
+                                                                   device)}
+                 if member.config is not None else {}),
+              **({"optimsweep.retry_of": str(retry_of)} if retry_of is not None else {})})
+    storage_call(trial.set_user_attr, "mlflow_run_id", member.run_id)
+    return member.run_id
 
 
 def _watch(study: optuna.Study, member: _Member, ctx: StudyContext, tracker: Tracker):
@@ -279,18 +292,19 @@ def _finish(member: _Member, result, metric: str, tracker: Tracker) -> None:
 def run_confirmation(tracker: Tracker, ctx: StudyContext, trial_number: int,
                      config: TrainConfig, sampled: dict, data) -> Outcome:
     """One re-training of a trial's config with another seed, as a `confirm` child run."""
-    run_id = tracker.start_run(ctx.experiment_id, ctx.parent_run_id, ctx.spec.name,
-                               trial_number, role="confirm",
-                               run_name=f"confirm trial {trial_number:03d} seed {config.seed}",
-                               tags={"optimsweep.seed": str(config.seed)})
-    with owned_run(tracker, run_id) as outcome:
+    start = functools.partial(
+        tracker.start_run, ctx.experiment_id, ctx.parent_run_id, ctx.spec.name, trial_number,
+        role="confirm", run_name=f"confirm trial {trial_number:03d} seed {config.seed}",
+        tags={"optimsweep.seed": str(config.seed)})
+    with owned_run(tracker, start) as outcome:
+        run_id = outcome.run_id
         tracker.log_config(run_id, config, sampled)
         result = _fit_logged(tracker, run_id, config, data)
         value = result.final.value(ctx.spec.metric)
         if not math.isfinite(value):
             raise DivergedError(result.final.epoch, 0, value, what=ctx.spec.metric)
         outcome.end(state="complete", value=value, error=None, counted=True,
-                         test_accuracy=result.test_accuracy)
+                    test_accuracy=result.test_accuracy)
     return outcome
 
 
