@@ -8,10 +8,11 @@
 2. Adam against SGD: seconds per epoch over 15 epochs at batch 64 (denormals flushed, as the
    core runs), epoch by epoch, so a slowdown that grows with training shows.
 3. The default study end to end (`sweeps/fashion_mnist.yaml`, its 30 trials x 15 epochs) with
-   `fuse: auto`, in a temporary folder: seconds, and the best trial's test accuracy.
+   `fuse: auto`, in a temporary folder: seconds, and the best trial's test accuracy; in fp32
+   by one process unless --study says otherwise (bf16:2 = precision bf16, --workers 2).
 
 Usage: python benchmarks/bench_sweep.py [--device cpu|cuda] [--rounds 2] [--skip-study]
-       [--ks 1,4,8,16] [--train-images N]
+       [--ks 1,4,8,16] [--train-images N] [--study fp32:1,bf16:2]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import optuna
 import torch
+import yaml
 
 from optimsweep.data import Dataset, load_fashion_mnist, prepare_fashion_mnist
 from optimsweep.space import suggest_config
@@ -138,20 +140,28 @@ def adam_against_sgd(data, device: torch.device, epochs: int) -> None:
           f"sgd {runs['sgd'].test_accuracy:.2%}, adam {runs['adam'].test_accuracy:.2%}")
 
 
-def default_study(device: torch.device) -> None:
+def default_study(device: torch.device, workers: int = 1, precision: str = "fp32") -> None:
+    """The default study's file as shipped, but for `precision` (added as fixed: where it is
+    not fp32), run by `optimsweep sweep --workers N` in a temporary folder."""
     print(f"\n3. the default study end to end ({DEFAULT_STUDY.name}, fuse: auto = "
-          f"{default_fuse(device)}, precision fp32)")
+          f"{default_fuse(device)}, precision {precision}, --workers {workers})")
     with tempfile.TemporaryDirectory() as tmp:
+        sweep = DEFAULT_STUDY
+        if precision != "fp32":
+            doc = yaml.safe_load(DEFAULT_STUDY.read_text())
+            doc.setdefault("fixed", {})["precision"] = precision
+            sweep = Path(tmp) / DEFAULT_STUDY.name
+            sweep.write_text(yaml.safe_dump(doc, sort_keys=False))
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "optimsweep.cli", "sweep",
-                               str(DEFAULT_STUDY), "--no-progress", "--timeout", "3600"],
+        done = subprocess.run([sys.executable, "-m", "optimsweep.cli", "sweep", str(sweep),
+                               "--no-progress", "--timeout", "3600", "--workers", str(workers)],
                               cwd=tmp, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             print(f"  failed ({done.returncode}): {done.stderr.strip()[-500:]}")
             return
         best = subprocess.run([sys.executable, "-m", "optimsweep.cli", "best",
-                               str(DEFAULT_STUDY), "--top", "1"], cwd=tmp,
+                               str(sweep), "--top", "1"], cwd=tmp,
                               capture_output=True, text=True)
     print(f"  {seconds:.0f} s for the sweep (process start and data loading included)")
     print("  " + "\n  ".join(best.stdout.strip().splitlines()[:6]))
@@ -165,6 +175,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15, help="for Adam against SGD")
     parser.add_argument("--train-images", type=int, default=None)
     parser.add_argument("--skip-study", action="store_true")
+    parser.add_argument("--only-study", action="store_true", help="skip parts 1 and 2")
+    parser.add_argument("--study", default="fp32:1", help="the default study's runs, as "
+                        "PRECISION:WORKERS,... (e.g. fp32:1,bf16:2)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # K,precision: one measurement
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -177,11 +190,14 @@ def main() -> None:
           f"{default_fuse(device)}")
     prepare_fashion_mnist()
     data = load_fashion_mnist(device=device, train_subset=args.train_images)
-    fused_table(data, device, [int(k) for k in args.ks.split(",")], args.rounds,
-                args.train_images)
-    adam_against_sgd(data, device, args.epochs)
+    if not args.only_study:
+        fused_table(data, device, [int(k) for k in args.ks.split(",")], args.rounds,
+                    args.train_images)
+        adam_against_sgd(data, device, args.epochs)
     if not args.skip_study:
-        default_study(device)
+        for run in args.study.split(","):
+            precision, workers = run.split(":")
+            default_study(device, int(workers), precision)
 
 
 if __name__ == "__main__":
