@@ -152,13 +152,17 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, tracker: T
 
 @dataclass
 class _Member:
-    """A claimed trial inside a group: its run, its config (or why it has none), its end."""
+    """A claimed trial inside a group: its config (or why it has none), and its end (with
+    its run)."""
 
     trial: optuna.Trial
     config: TrainConfig | None = None
     problem: Exception | None = None
-    run_id: str = ""
     outcome: Outcome | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.outcome.run_id
 
 
 def run_group(study: optuna.Study, trials: list[optuna.Trial], ctx: StudyContext, data,
@@ -248,7 +252,7 @@ def _run_fused(study: optuna.Study, group: list[_Member], ctx: StudyContext, dat
 def _start_trial_run(member: _Member, group_size: int, ctx: StudyContext, device,
                      tracker: Tracker) -> str:
     trial, retry_of = member.trial, member.trial.user_attrs.get("retry_of")
-    member.run_id = tracker.start_run(
+    run_id = tracker.start_run(
         ctx.experiment_id, ctx.parent_run_id, ctx.spec.name, trial.number,
         tags={"optimsweep.device": str(device),
               "optimsweep.fused": str(group_size),  # members of its group
@@ -256,8 +260,8 @@ def _start_trial_run(member: _Member, group_size: int, ctx: StudyContext, device
                                                                    device)}
                  if member.config is not None else {}),
               **({"optimsweep.retry_of": str(retry_of)} if retry_of is not None else {})})
-    storage_call(trial.set_user_attr, "mlflow_run_id", member.run_id)
-    return member.run_id
+    storage_call(trial.set_user_attr, "mlflow_run_id", run_id)
+    return run_id
 
 
 def _watch(study: optuna.Study, member: _Member, ctx: StudyContext, tracker: Tracker):
