@@ -31,10 +31,10 @@ import optuna
 import torch
 import yaml
 
-from optimsweep.data import Dataset, load_fashion_mnist, prepare_fashion_mnist
-from optimsweep.space import suggest_config
-from optimsweep.spec import load_spec
-from optimsweep.train import TrainConfig, default_fuse, fit, fit_group, resolve_precision
+from optimsweep.core.data import Dataset, load_fashion_mnist, prepare_fashion_mnist
+from optimsweep.core.train import TrainConfig, default_fuse, fit, fit_group, resolve_precision
+from optimsweep.sweep.space import suggest_config
+from optimsweep.sweep.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = ROOT / "sweeps" / "fashion_mnist.yaml"

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from optimsweep.storage import open_storage
+from optimsweep.records.storage import open_storage
 
 STATUS_OF = {"COMPLETE": ("FINISHED", "complete"), "PRUNED": ("KILLED", "pruned"),
              "FAIL": ("FAILED", "failed")}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimsweep import data as data_module
-from optimsweep.data import (
+from optimsweep.core import data as data_module
+from optimsweep.core.data import (
     DataUnavailable,
     load_fashion_mnist,
     make_regression,

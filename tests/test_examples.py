@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from optimsweep.cli import main
-from optimsweep.study import open_existing
+from optimsweep.run.study import open_existing
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

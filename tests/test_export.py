@@ -13,10 +13,10 @@ from mlflow import MlflowClient
 
 from optimsweep.cli import main
 from optimsweep.confirm import confirm
-from optimsweep.data import make_regression
+from optimsweep.core.data import make_regression
+from optimsweep.core.train import TrainConfig, fit, load_data
 from optimsweep.export import export_best
-from optimsweep.study import open_existing, run_sweep
-from optimsweep.train import TrainConfig, fit, load_data
+from optimsweep.run.study import open_existing, run_sweep
 from sweeps import fashion_sweep, line_sweep, load
 from test_models import TutorialNeuralNetwork
 

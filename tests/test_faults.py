@@ -16,9 +16,9 @@ import pytest
 import torch
 from sqlalchemy import event
 
-import optimsweep.train
-from optimsweep.storage import StoreError
-from optimsweep.study import run_sweep
+import optimsweep.core.train
+from optimsweep.records.storage import StoreError
+from optimsweep.run.study import run_sweep
 from records import (
     DATA,
     assert_invariant,
@@ -217,7 +217,7 @@ def test_a_process_that_opened_the_journal_before_a_crash_never_appends_to_a_tor
         tmp_path):
     """Another process dies mid-write while this one has the journal open: this one's next
     write sets the torn bytes aside first, so its record is whole and readable."""
-    from optimsweep.storage import open_storage
+    from optimsweep.records.storage import open_storage
 
     path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
     run_sweep(load(path), progress=False)
@@ -234,7 +234,7 @@ def test_a_process_that_opened_the_journal_before_a_crash_never_appends_to_a_tor
 def test_a_trial_asked_by_a_process_that_died_at_once_gets_a_run_and_fails(tmp_path):
     """A process died between asking Optuna for a trial and recording who runs it: the
     next sweep fails that trial (uncounted) with a FAILED run of its own."""
-    from optimsweep.storage import open_storage
+    from optimsweep.records.storage import open_storage
 
     path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 1})
     run_sweep(load(path), n_trials=1, progress=False)
@@ -250,7 +250,7 @@ def test_a_grid_covers_every_point_once_even_after_an_interrupted_trial(tmp_path
                                                                          monkeypatch):
     """The baseline is one of the points, the interrupted point is run again, and the grid
     ends when every point has its verdict, before the budget of 6."""
-    real_fit = optimsweep.train.fit_group
+    real_fit = optimsweep.core.train.fit_group
     calls = iter(range(100))
 
     def fit_interrupted_once(configs, data, on_epoch=None):
@@ -258,7 +258,7 @@ def test_a_grid_covers_every_point_once_even_after_an_interrupted_trial(tmp_path
             raise KeyboardInterrupt  # what Ctrl-C raises inside fit
         return real_fit(configs, data, on_epoch)
 
-    monkeypatch.setattr(optimsweep.train, "fit_group", fit_interrupted_once)
+    monkeypatch.setattr(optimsweep.core.train, "fit_group", fit_interrupted_once)
     path = line_sweep(tmp_path, budget={"n_trials": 6, "epochs": 1}, sampler={"name": "grid"},
                       baseline=[{"optimizer": "adam", "batch_size": 64}],
                       search_space={"optimizer": {"type": "categorical",
@@ -320,9 +320,9 @@ def test_any_failure_inside_a_trial_fails_that_trial_and_the_study_goes_on(tmp_p
     """Out of memory and a bad config inside trials 1 and 2 (raised where `fit` would): each
     fails with its reason and traceback on its run; trial 3 runs; the parent run gets its
     counts and plots."""
-    real_fit = optimsweep.train.fit_group
+    real_fit = optimsweep.core.train.fit_group
     failures = iter([None, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"),
-                     optimsweep.train.ConfigError("device: 'cuda' was asked for"), None])
+                     optimsweep.core.train.ConfigError("device: 'cuda' was asked for"), None])
 
     def fit_or_fail(configs, data, on_epoch=None):
         failure = next(failures)
@@ -330,7 +330,7 @@ def test_any_failure_inside_a_trial_fails_that_trial_and_the_study_goes_on(tmp_p
             raise failure
         return real_fit(configs, data, on_epoch)
 
-    monkeypatch.setattr(optimsweep.train, "fit_group", fit_or_fail)
+    monkeypatch.setattr(optimsweep.core.train, "fit_group", fit_or_fail)
     spec = load(line_sweep(tmp_path, budget={"n_trials": 4, "epochs": 2}))
     study = run_sweep(spec, progress=False)
     client, children, trials = assert_invariant(spec)
@@ -430,7 +430,7 @@ def test_export_refuses_a_sweep_file_edited_since_the_study_began(tmp_path, caps
 def test_export_drops_a_confirmation_that_a_better_trial_has_made_stale(tmp_path):
     from optimsweep.confirm import confirm
     from optimsweep.export import export_best
-    from optimsweep.study import open_existing
+    from optimsweep.run.study import open_existing
 
     bad, worse, good = ({"optimizer": "sgd", "lr": lr, "batch_size": 64}
                         for lr in (0.002, 0.001, 0.1))
@@ -445,11 +445,11 @@ def test_export_drops_a_confirmation_that_a_better_trial_has_made_stale(tmp_path
 
 def test_confirm_fails_one_seeds_run_and_goes_on(tmp_path, monkeypatch):
     from optimsweep.confirm import confirm
-    from optimsweep.study import open_existing
+    from optimsweep.run.study import open_existing
 
     path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
     run_sweep(load(path), progress=False)
-    real_fit = optimsweep.train.fit
+    real_fit = optimsweep.core.train.fit
     calls = iter(range(100))
 
     def fit_failing_once(config, data, on_epoch=None):
@@ -457,7 +457,7 @@ def test_confirm_fails_one_seeds_run_and_goes_on(tmp_path, monkeypatch):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
         return real_fit(config, data, on_epoch)
 
-    monkeypatch.setattr(optimsweep.train, "fit", fit_failing_once)
+    monkeypatch.setattr(optimsweep.core.train, "fit", fit_failing_once)
     results = confirm(open_existing(path), top_k=2, seeds=2, log=lambda _: None)
     values = [v for c in results for v in c.values]
     assert sum(v != v for v in values) == 1  # exactly one nan
@@ -470,7 +470,7 @@ def test_confirm_fails_one_seeds_run_and_goes_on(tmp_path, monkeypatch):
 @pytest.fixture
 def ctrl_c_as_the_cli_handles_it():
     """This process's SIGINT and SIGTERM handled as `optimsweep` handles them."""
-    from optimsweep.signals import stop_on_signals
+    from optimsweep.util.signals import stop_on_signals
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     hook = sys.unraisablehook
@@ -493,10 +493,10 @@ def test_a_ctrl_c_before_a_tracking_write_commits_is_raised_after_it(
     owner had it, it left the run RUNNING too."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from optimsweep.signals import Interrupted
-    from optimsweep.tracking import Tracker
-    from optimsweep.train import EpochStats
-    from optimsweep.trial import owned_run
+    from optimsweep.core.train import EpochStats
+    from optimsweep.records.tracking import Tracker
+    from optimsweep.run.life import owned_run
+    from optimsweep.util.signals import Interrupted
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = tracker.experiment_id("writes")
@@ -561,7 +561,7 @@ def test_a_damaged_mlflow_schema_template_is_replaced_not_copied(tmp_path, monke
     """New tracking stores are copies of one migrated empty database per machine; a torn
     template is dropped, the store is migrated in place, and the next store gets a whole
     template again."""
-    from optimsweep.tracking import Tracker
+    from optimsweep.records.tracking import Tracker
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     first = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")

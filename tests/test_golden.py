@@ -26,10 +26,10 @@ WRITE = os.environ.get("OPTIMSWEEP_WRITE_GOLDEN") == "1"
 SHIPPED = sorted([*ROOT.glob("sweeps/*.yaml"), *ROOT.glob("examples/*/sweep.yaml")])
 # Values that name this machine, process, moment or checkout: their keys are pinned, not
 # their values.
-VOLATILE_TAGS = {"mlflow.parentRunId", "optimsweep.best_run_id", "mlflow.user", "mlflow.source.name",
-                 "mlflow.source.type", "mlflow.source.git.commit", "optimsweep.host",
-                 "optimsweep.pid", "git_commit", "python", "optimsweep", "torch",
-                 "torchvision", "optuna", "mlflow", "numpy", "pandas"}
+VOLATILE_TAGS = {"mlflow.parentRunId", "optimsweep.best_run_id", "mlflow.user",
+                 "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
+                 "optimsweep.host", "optimsweep.pid", "git_commit", "python", "optimsweep",
+                 "torch", "torchvision", "optuna", "mlflow", "numpy", "pandas"}
 
 
 def _golden(name: str, actual):

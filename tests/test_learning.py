@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from optimsweep.train import TrainConfig, fit
+from optimsweep.core.train import TrainConfig, fit
 
 pytestmark = pytest.mark.learning
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optimsweep.artifacts import load_state_dict, save_state_dict
-from optimsweep.models import build_model
+from optimsweep.core.artifacts import load_state_dict, save_state_dict
+from optimsweep.core.models import build_model
 
 
 class TutorialNeuralNetwork(nn.Module):

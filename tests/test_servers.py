@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from optimsweep import services
-from optimsweep.spec import load_spec
-from optimsweep.tracking import configure_http_retries
+from optimsweep.records.tracking import configure_http_retries
+from optimsweep.sweep.spec import load_spec
 from records import assert_invariant, finish, load_study, mlflow_runs, running_trial, wait_until
 
 TrialState = optuna.trial.TrialState

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from optimsweep.cli import main
-from optimsweep.space import suggest_config
-from optimsweep.spec import SpecError, load_spec, parse_spec
+from optimsweep.sweep.space import suggest_config
+from optimsweep.sweep.spec import SpecError, load_spec, parse_spec
 from sweeps import line_sweep
 
 SHIPPED = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))

@@ -9,10 +9,10 @@ import optuna
 import pytest
 import torch
 
-from optimsweep.models import LinearRegressionModel
-from optimsweep.spec import SpecError
-from optimsweep.storage import open_storage, resolve_storage
-from optimsweep.study import run_sweep
+from optimsweep.core.models import LinearRegressionModel
+from optimsweep.records.storage import open_storage, resolve_storage
+from optimsweep.run.study import run_sweep
+from optimsweep.sweep.spec import SpecError
 from records import assert_invariant, load_study, mlflow_runs
 from sweeps import fashion_sweep, line_sweep, load
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from optimsweep.train import (
+from optimsweep.core.train import (
     OPTIMIZERS,
     SCHEDULERS,
     ConfigError,

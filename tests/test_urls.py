@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from optimsweep.urls import redact, redact_text
+from optimsweep.util.urls import redact, redact_text
 
 
 @pytest.mark.parametrize("url, shown", [

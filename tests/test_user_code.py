@@ -17,9 +17,9 @@ import yaml
 from mlflow import MlflowClient
 
 from optimsweep.cli import main
-from optimsweep.spec import load_spec
-from optimsweep.study import open_existing
-from optimsweep.train import LOSSES, TrainConfig, fit, load_data
+from optimsweep.core.train import LOSSES, TrainConfig, fit, load_data
+from optimsweep.run.study import open_existing
+from optimsweep.sweep.spec import load_spec
 
 DATA = '''
 import torch
@@ -295,7 +295,7 @@ def test_the_fingerprint_covers_factories_and_arguments_not_where_the_code_lives
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_every_seed_loss_trains_and_accuracy_is_reported_for_classifiers_only(loss, tmp_path):
-    from optimsweep.data import Dataset
+    from optimsweep.core.data import Dataset
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(240, 4, generator=g)

@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING
 
 # Only the standard library above: the signal handlers go in before torch, MLflow and Optuna
 # are imported, so a Ctrl-C during start-up is handled like any other.
-from optimsweep.signals import stop_on_signals
-from optimsweep.terminal import quiet
-from optimsweep.urls import redact_text
+from optimsweep.util.signals import stop_on_signals
+from optimsweep.util.terminal import quiet
+from optimsweep.util.urls import redact_text
 
 if TYPE_CHECKING:
-    from optimsweep.train import EpochStats, TrainConfig
+    from optimsweep.core.train import EpochStats, TrainConfig
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
-    from optimsweep.train import TrainConfig
+    from optimsweep.core.train import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         if f.type == "dict":  # factory arguments: model.NAME / data.NAME in --config's file
@@ -32,7 +32,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 def load_config_file(path: Path) -> dict:
     import yaml
 
-    from optimsweep.train import ConfigError
+    from optimsweep.core.train import ConfigError
 
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -54,8 +54,8 @@ def _print_epoch(config: TrainConfig, stats: EpochStats) -> None:
 
 
 def cmd_train(args) -> int:
-    from optimsweep.train import TrainConfig, fit, load_data
-    from optimsweep.usercode import is_import_string
+    from optimsweep.core.train import TrainConfig, fit, load_data
+    from optimsweep.core.usercode import is_import_string
 
     values = load_config_file(args.config) if args.config else {}
     if args.config and "code_dir" not in values and any(
@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
     extra = "".join(f", {k}: {v:.6g}" for k, v in result.test_extra.items())
     print(f"Test Error:\n {acc}Avg loss: {result.test_loss:.6f}{extra}")
     if args.save:
-        from optimsweep.artifacts import save_state_dict
+        from optimsweep.core.artifacts import save_state_dict
 
         save_state_dict(result.model, args.save)
         print(f"state_dict saved to {args.save}")
@@ -81,7 +81,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from optimsweep.data import prepare_fashion_mnist
+    from optimsweep.core.data import prepare_fashion_mnist
 
     raw = prepare_fashion_mnist(args.root)
     print(f"FashionMNIST ready in {raw}")
@@ -98,8 +98,8 @@ def _print_table(table) -> None:
 
 def cmd_sweep(args) -> int:
     from optimsweep.report import summary_line, trials_table
-    from optimsweep.spec import load_spec
-    from optimsweep.study import run_sweep
+    from optimsweep.run.study import run_sweep
+    from optimsweep.sweep.spec import load_spec
 
     spec = load_spec(args.file)
     study = run_sweep(spec, n_trials=args.n_trials, timeout=args.timeout, workers=args.workers,
@@ -123,7 +123,7 @@ def _print_confirmation(study) -> None:
 
 def cmd_best(args) -> int:
     from optimsweep.report import trials_table
-    from optimsweep.study import open_existing
+    from optimsweep.run.study import open_existing
 
     opened = open_existing(args.target)
     print(f"study {opened.spec.name!r}, {opened.spec.direction} {opened.spec.metric}:")
@@ -134,7 +134,7 @@ def cmd_best(args) -> int:
 
 def cmd_confirm(args) -> int:
     from optimsweep.confirm import confirm as run_confirm
-    from optimsweep.study import open_existing
+    from optimsweep.run.study import open_existing
 
     opened = open_existing(args.target)
     results = run_confirm(opened, top_k=args.top_k, seeds=args.seeds)
@@ -151,7 +151,7 @@ def cmd_confirm(args) -> int:
 
 def cmd_export(args) -> int:
     from optimsweep.export import export_best
-    from optimsweep.study import open_existing
+    from optimsweep.run.study import open_existing
 
     done = export_best(open_existing(args.target), args.out)
     print(f"exported trial {done.trial.number} ({done.reason}) to {done.folder}/:")
@@ -251,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from optimsweep.data import DataError, DataUnavailable
+    from optimsweep.core.data import DataError, DataUnavailable
+    from optimsweep.core.train import ConfigError, DivergedError
+    from optimsweep.core.usercode import UserCodeError
+    from optimsweep.records.storage import STORE_FAILURES, StoreError, describe
+    from optimsweep.run.study import WorkersFailed
     from optimsweep.services import ServiceError
-    from optimsweep.spec import SpecError
-    from optimsweep.storage import STORE_FAILURES, StoreError, describe
-    from optimsweep.study import WorkersFailed
-    from optimsweep.train import ConfigError, DivergedError
-    from optimsweep.usercode import UserCodeError
+    from optimsweep.sweep.spec import SpecError
 
     try:
         args = build_parser().parse_args(argv)

@@ -9,8 +9,8 @@ import statistics
 from dataclasses import dataclass
 
 from optimsweep.report import ranked_complete_trials
-from optimsweep.spec import SpecError
-from optimsweep.study import OpenStudy, repair
+from optimsweep.run.study import OpenStudy, repair
+from optimsweep.sweep.spec import SpecError
 
 
 @dataclass
@@ -35,9 +35,9 @@ class Confirmation:
 def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> list[Confirmation]:
     """Re-train the top-k configs with `seeds` fresh seeds each; rank by the mean metric
     and remember the ranking (and which trials it covered) for `export`."""
-    from optimsweep.space import config_from_params
-    from optimsweep.train import load_data
-    from optimsweep.trial import run_confirmation
+    from optimsweep.core.train import load_data
+    from optimsweep.run.life import run_confirmation
+    from optimsweep.sweep.space import config_from_params
 
     spec, study, tracker = opened.spec, opened.study, opened.tracker
     if top_k < 1 or seeds < 1:

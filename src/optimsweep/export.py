@@ -10,14 +10,14 @@ from pathlib import Path
 
 import optuna
 
-from optimsweep.artifacts import load_state_dict
-from optimsweep.atomic import folder_replaced
-from optimsweep.provenance import provenance
+from optimsweep.core.artifacts import load_state_dict
+from optimsweep.records.storage import StoreError, describe
+from optimsweep.records.tracking import CODE_TAG, CONFIG_FILE, STATE_DICT, config_yaml
 from optimsweep.report import ranked_complete_trials
-from optimsweep.spec import SpecError
-from optimsweep.storage import StoreError, describe
-from optimsweep.study import OpenStudy, repair
-from optimsweep.tracking import CODE_TAG, CONFIG_FILE, STATE_DICT, config_yaml
+from optimsweep.run.study import OpenStudy, repair
+from optimsweep.sweep.spec import SpecError
+from optimsweep.util.atomic import folder_replaced
+from optimsweep.util.provenance import provenance
 
 METRICS_FILE = "metrics.json"
 EXPORT_FILES = (CONFIG_FILE, STATE_DICT, METRICS_FILE)
@@ -54,7 +54,7 @@ def chosen_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, str]:
 
 
 def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
-    from optimsweep.space import config_from_params
+    from optimsweep.sweep.space import config_from_params
 
     spec, study, tracker = opened.spec, opened.study, opened.tracker
     repair(opened, close_parent=True)

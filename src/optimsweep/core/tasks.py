@@ -15,7 +15,7 @@ def fashion_mnist(root: Path | str | None = None):
     with long labels: 60k training images, 10k test images."""
     from torchvision.datasets import FashionMNIST
 
-    from optimsweep.data import default_data_root, prepare_fashion_mnist
+    from optimsweep.core.data import default_data_root, prepare_fashion_mnist
 
     root = Path(root or default_data_root())
     prepare_fashion_mnist(root)

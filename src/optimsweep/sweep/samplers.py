@@ -16,7 +16,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 if TYPE_CHECKING:
-    from optimsweep.spec import Spec
+    from optimsweep.sweep.spec import Spec
 
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,

@@ -19,19 +19,9 @@ from typing import Any
 import optuna
 import yaml
 
-from optimsweep.data import TASKS
-from optimsweep.models import MODELS, MODELS_BY_TASK
-from optimsweep.samplers import (
-    PRUNERS,
-    SAMPLERS,
-    allowed_options,
-    build_pruner,
-    build_sampler,
-    grid_space,
-    option_type_problem,
-)
-from optimsweep.storage import Resilience
-from optimsweep.train import (
+from optimsweep.core.data import TASKS
+from optimsweep.core.models import MODELS, MODELS_BY_TASK
+from optimsweep.core.train import (
     CONDITIONS,
     CONFIG_DEFAULTS,
     LOSSES,
@@ -40,7 +30,17 @@ from optimsweep.train import (
     TrainConfig,
     metric_name,
 )
-from optimsweep.usercode import UserCodeError, check_arguments, is_import_string, resolve
+from optimsweep.core.usercode import UserCodeError, check_arguments, is_import_string, resolve
+from optimsweep.records.storage import Resilience
+from optimsweep.sweep.samplers import (
+    PRUNERS,
+    SAMPLERS,
+    allowed_options,
+    build_pruner,
+    build_sampler,
+    grid_space,
+    option_type_problem,
+)
 
 TOP_LEVEL_KEYS = ("name", "description", "task", "model", "loss", "metric", "direction",
                   "seed",
@@ -241,7 +241,7 @@ def _parse_param(path: Path, name: str, raw, base: dict) -> Param | Any:
 
 
 def _check_store_urls(path: Path, spec: Spec) -> None:
-    from optimsweep.urls import redact
+    from optimsweep.util.urls import redact
 
     if spec.storage and "://" in spec.storage and \
             spec.storage.split("://")[0] not in STORAGE_SCHEMES:
@@ -556,7 +556,7 @@ def _parse_code(path: Path, raw: dict) -> dict:
 def _check_model_arguments(spec: Spec) -> None:
     """The model factory takes every argument the file gives it, fixed or searched, and
     gets every argument it needs."""
-    from optimsweep.models import MODELS as BUILT_IN
+    from optimsweep.core.models import MODELS as BUILT_IN
 
     fn = resolve(BUILT_IN.get(spec.model, spec.model), spec.code_dir)
     given = {**{k: "model.kwargs" for k in spec.model_kwargs},
@@ -594,7 +594,7 @@ def _check_sampler_fits(spec: Spec) -> None:
         except (TypeError, ValueError) as exc:
             raise _fail(spec.path, key, str(exc)) from None
     if spec.sampler.get("name") == "grid":
-        from optimsweep.space import applies
+        from optimsweep.sweep.space import applies
 
         grid = grid_space(spec)
         for i, entry in enumerate(spec.baseline):
@@ -613,7 +613,7 @@ def _check_sampler_fits(spec: Spec) -> None:
 def _dry_run(spec: Spec) -> None:
     """Ask the sampler and pruner for a few trials of this space (with the baselines first)
     in memory, with no training: option values that only fail when used, fail now."""
-    from optimsweep.space import suggest_config
+    from optimsweep.sweep.space import suggest_config
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import TrialState
 
-from optimsweep import signals, train
-from optimsweep.storage import (
+from optimsweep.core import train
+from optimsweep.core.train import DivergedError, TrainConfig
+from optimsweep.records.storage import (
     RESILIENCE,
     StoreError,
     describe,
@@ -33,11 +34,11 @@ from optimsweep.storage import (
     is_heartbeat_enabled,
     storage_call,
 )
-from optimsweep.tracking import HOST, PID, RUN_STATUS, STATE, TRIAL, Tracker
-from optimsweep.train import DivergedError, TrainConfig
+from optimsweep.records.tracking import HOST, PID, RUN_STATUS, STATE, TRIAL, Tracker
+from optimsweep.util import signals
 
 if TYPE_CHECKING:
-    from optimsweep.study import StudyContext
+    from optimsweep.run.study import StudyContext
 
 # Trials this process has claimed and not yet closed (by storage id): a RUNNING trial that
 # names this process but is not here was left behind by an earlier command in it.
@@ -179,7 +180,7 @@ def run_group(study: optuna.Study, trials: list[optuna.Trial], ctx: StudyContext
 
 def _run_groups(study: optuna.Study, trials: list[optuna.Trial], ctx: StudyContext, data,
                 tracker: Tracker) -> list[Outcome]:
-    from optimsweep.space import suggest_config
+    from optimsweep.sweep.space import suggest_config
 
     members = [_Member(t) for t in trials]
     for member in members:  # recorded in Optuna now; on the run once it exists

@@ -21,14 +21,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from optimsweep import signals
-from optimsweep.artifacts import save_state_dict
-from optimsweep.atomic import create_sqlite_atomically
-from optimsweep.provenance import provenance
-from optimsweep.storage import StoreError, describe
-from optimsweep.train import EpochStats, FitResult, TrainConfig
-from optimsweep.urls import redact, redact_text
-from optimsweep.usercode import code_version
+from optimsweep.core.artifacts import save_state_dict
+from optimsweep.core.train import EpochStats, FitResult, TrainConfig
+from optimsweep.core.usercode import code_version
+from optimsweep.records.storage import StoreError, describe
+from optimsweep.util import signals
+from optimsweep.util.atomic import create_sqlite_atomically
+from optimsweep.util.provenance import provenance
+from optimsweep.util.urls import redact, redact_text
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 ROLE, STUDY, TRIAL, STATE = ("optimsweep.role", "optimsweep.study", "optimsweep.trial_number",

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 MODELS_BY_TASK = {"fashion_mnist": ("mlp", "cnn"), "regression": ("linear",)}
-# Model factories like any user's: a sweep file's `model: mlp` is `optimsweep.models:...`.
-MODELS = {"mlp": "optimsweep.models:NeuralNetwork", "cnn": "optimsweep.models:SmallCNN",
-          "linear": "optimsweep.models:LinearRegressionModel"}
+# Model factories like any user's: a sweep file's `model: mlp` is `optimsweep.core.models:...`.
+MODELS = {"mlp": "optimsweep.core.models:NeuralNetwork", "cnn": "optimsweep.core.models:SmallCNN",
+          "linear": "optimsweep.core.models:LinearRegressionModel"}
 
 
 class NeuralNetwork(nn.Module):
@@ -68,7 +68,7 @@ class LinearRegressionModel(nn.Module):
 def build_model(name: str, kwargs: dict | None = None, code_dir: str | None = None) -> nn.Module:
     """A fresh model from a built-in name or a factory's import string, called with
     `kwargs` (the sweep's fixed and sampled `model.NAME` values)."""
-    from optimsweep.usercode import resolve
+    from optimsweep.core.usercode import resolve
 
     model = resolve(MODELS.get(name, name), code_dir)(**(kwargs or {}))
     if not isinstance(model, nn.Module):

@@ -11,7 +11,7 @@ import logging
 import sys
 import warnings
 
-from optimsweep.urls import redact_text
+from optimsweep.util.urls import redact_text
 
 LIBRARIES = ("mlflow", "alembic", "sqlalchemy", "urllib3")
 

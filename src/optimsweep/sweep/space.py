@@ -8,8 +8,8 @@ from __future__ import annotations
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from optimsweep.spec import Param, Spec
-from optimsweep.train import CONFIG_DEFAULTS, TrainConfig
+from optimsweep.core.train import CONFIG_DEFAULTS, TrainConfig
+from optimsweep.sweep.spec import Param, Spec
 
 
 def applies(param: Param, values: dict) -> bool:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-import optimsweep.numerics  # noqa: F401  (denormals flushed before any tensor work)
-from optimsweep.data import (
+import optimsweep.core.numerics  # noqa: F401  (denormals flushed before any tensor work)
+from optimsweep.core.data import (
     DEFAULT_VAL_SIZE,
     IN_MEMORY_MB,
     TASKS,
@@ -31,9 +31,9 @@ from optimsweep.data import (
     StreamingData,
     load_dataset,
 )
-from optimsweep.models import MODELS, MODELS_BY_TASK, build_model
-from optimsweep.stack import ModelStack
-from optimsweep.usercode import is_import_string, resolve
+from optimsweep.core.models import MODELS, MODELS_BY_TASK, build_model
+from optimsweep.core.stack import ModelStack
+from optimsweep.core.usercode import is_import_string, resolve
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "plateau", "cosine")

@@ -18,14 +18,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from optimsweep.data import TASKS
-from optimsweep.report import counted_trials, log_summary
-from optimsweep.samplers import build_pruner, build_sampler, grid_space, sampler_seed
-from optimsweep.signals import Interrupted, stop_on_signals
-from optimsweep.signals import check as check_signals
-from optimsweep.signals import held as held_signals
-from optimsweep.spec import NAME_PATTERN, Spec, SpecError, load_spec, parse_spec
-from optimsweep.storage import (
+from optimsweep.core.data import TASKS
+from optimsweep.records.storage import (
     RESILIENCE,
     StoreError,
     describe,
@@ -36,10 +30,22 @@ from optimsweep.storage import (
     storage_call,
     study_lock,
 )
-from optimsweep.terminal import quiet
-from optimsweep.tracking import HOST, PID, Tracker, configure_http_retries, resolve_tracking_uri
-from optimsweep.trial import LIVE, reconcile
-from optimsweep.urls import redact, redact_text
+from optimsweep.records.tracking import (
+    HOST,
+    PID,
+    Tracker,
+    configure_http_retries,
+    resolve_tracking_uri,
+)
+from optimsweep.report import counted_trials, log_summary
+from optimsweep.run.life import LIVE, reconcile
+from optimsweep.sweep.samplers import build_pruner, build_sampler, grid_space, sampler_seed
+from optimsweep.sweep.spec import NAME_PATTERN, Spec, SpecError, load_spec, parse_spec
+from optimsweep.util.signals import Interrupted, stop_on_signals
+from optimsweep.util.signals import check as check_signals
+from optimsweep.util.signals import held as held_signals
+from optimsweep.util.terminal import quiet
+from optimsweep.util.urls import redact, redact_text
 
 log = logging.getLogger("optimsweep")
 SUMMARIZED = "optimsweep.summarized"  # the trials the parent run's summary and plots show
@@ -257,7 +263,7 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
     Nothing waits in the queue outside this lock, so no trial is left WAITING; signals wait
     until the trial says which process owns it. Inside the lock no call is retried: the
     lock lives on a database connection, and a lost connection loses it."""
-    from optimsweep.trial import fail_stale_trials
+    from optimsweep.run.life import fail_stale_trials
 
     spec = ctx.spec
     check_signals()
@@ -322,9 +328,9 @@ def _say(message: str) -> None:
 def load_sweep_data(spec: Spec):
     """The data every trial of the sweep trains on, loaded once per process; a data factory
     that fails or returns the wrong thing is the sweep file's error."""
-    from optimsweep.data import DataError
-    from optimsweep.train import TrainConfig, load_data
-    from optimsweep.usercode import UserCodeError
+    from optimsweep.core.data import DataError
+    from optimsweep.core.train import TrainConfig, load_data
+    from optimsweep.core.usercode import UserCodeError
 
     try:
         return load_data(TrainConfig.from_dict(spec.base_config()))
@@ -336,8 +342,8 @@ def run_trials(ctx: StudyContext, *, deadline: float | None = None,
                progress: bool = False, data=None) -> None:
     """Claim and run trials in this process until the budget is used up or the deadline
     (time.time()) passes. Data is loaded once (unless given)."""
-    from optimsweep.train import default_fuse
-    from optimsweep.trial import run_group
+    from optimsweep.core.train import default_fuse
+    from optimsweep.run.life import run_group
 
     spec = ctx.spec
     _configure_stores(spec)

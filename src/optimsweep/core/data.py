@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
-import optimsweep.numerics  # noqa: F401  (before any tensor work: see its docstring)
+import optimsweep.core.numerics  # noqa: F401  (before any tensor work: see its docstring)
 
 FASHION_FILES = (
     "train-images-idx3-ubyte",
@@ -34,8 +34,8 @@ FASHION_FILES = (
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 # The built-in tasks: data factories like any user's (tasks.py).
-TASKS = {"fashion_mnist": "optimsweep.tasks:fashion_mnist",
-         "regression": "optimsweep.tasks:regression"}
+TASKS = {"fashion_mnist": "optimsweep.core.tasks:fashion_mnist",
+         "regression": "optimsweep.core.tasks:regression"}
 DEFAULT_VAL_SIZE = {"fashion_mnist": 10_000, "regression": 100}
 # Examples the train/validation split is carved from (regression: 1000 points less 100 test).
 TRAIN_POOL = {"fashion_mnist": 60_000, "regression": 900}
@@ -294,7 +294,7 @@ def load_dataset(
     carve the validation split from its training part with `split_seed` (so every trial of a
     study validates on the same examples), keep the first `train_subset` training examples,
     and put it on `device`, whole or streamed. The test part is only ever reported."""
-    from optimsweep.usercode import UserCodeError, resolve
+    from optimsweep.core.usercode import UserCodeError, resolve
 
     ref = TASKS.get(task, task)
     where = f"data.factory: {ref}" if task not in TASKS else f"task: {task}"

@@ -27,8 +27,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal._file import BaseJournalFileLock
 
-from optimsweep.atomic import create_sqlite_atomically, file_lock, write_text_atomic
-from optimsweep.urls import redact, redact_text
+from optimsweep.util.atomic import create_sqlite_atomically, file_lock, write_text_atomic
+from optimsweep.util.urls import redact, redact_text
 
 DEFAULT_STORAGE = "mlruns/optuna.journal"
 log = logging.getLogger("optimsweep")
@@ -104,7 +104,7 @@ def storage_call(fn, *args, retry: bool = True, **kwargs):
     not the trial's own. A lost database connection is tried again with backoff for
     RESILIENCE.store_timeout seconds first (not with `retry=False`: inside the study lock,
     whose connection went with it)."""
-    from optimsweep import signals
+    from optimsweep.util import signals
 
     global _gave_up
     deadline, pause = time.monotonic() + RESILIENCE.store_timeout, 0.5
