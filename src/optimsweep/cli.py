@@ -9,6 +9,8 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from optimsweep.errors import Expected, StoreError, UsageError
+
 # Only the standard library above: the signal handlers go in before torch, MLflow and Optuna
 # are imported, so a Ctrl-C during start-up is handled like any other.
 from optimsweep.util.signals import stop_on_signals
@@ -176,9 +178,6 @@ def cmd_services(args) -> int:
     return 0
 
 
-class UsageError(ValueError):
-    """A mistake on the command line itself."""
-
 
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are expected failures too: one line and exit 2."""
@@ -251,36 +250,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from optimsweep.core.data import DataError, DataUnavailable
-    from optimsweep.core.train import ConfigError, DivergedError
-    from optimsweep.core.usercode import UserCodeError
-    from optimsweep.records.storage import STORE_FAILURES, StoreError, describe
-    from optimsweep.run.study import WorkersFailed
-    from optimsweep.services import ServiceError
-    from optimsweep.sweep.spec import SpecError
+    from optimsweep.records.storage import STORE_FAILURES, describe
 
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
-        return _expected(exc, "--debug" in argv, 2)
+        return _expected(exc, "--debug" in argv)
     quiet(args.debug)
     try:
         return args.func(args)
-    except (ConfigError, DivergedError, SpecError, DataUnavailable, DataError,
-            UserCodeError) as exc:
-        return _expected(exc, args.debug, 2)
-    except (StoreError, WorkersFailed, ServiceError) as exc:
-        return _expected(exc, args.debug, 3)
+    except Expected as exc:
+        return _expected(exc, args.debug)
     except STORE_FAILURES as exc:  # a store failing where no trial was running
-        return _expected(StoreError(f"store: {describe(exc)}"), args.debug, 3)
+        return _expected(StoreError(f"store: {describe(exc)}"), args.debug)
 
 
-def _expected(exc: Exception, debug: bool, code: int) -> int:
+def _expected(exc: Expected, debug: bool) -> int:
     """A failure a user can cause or meet: one line, no traceback (--debug shows it)."""
     if debug:
         traceback.print_exc()
     print(f"error: {redact_text(str(exc))}", file=sys.stderr)
-    return code
+    return exc.exit_code
 
 
 if __name__ == "__main__":

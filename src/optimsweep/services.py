@@ -23,13 +23,12 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from optimsweep.errors import ServiceError
+
 DEFAULT_DIR = ".services"
 USER = "optimsweep"
 PG_PORT, MLFLOW_PORT = 55432, 5001
 
-
-class ServiceError(RuntimeError):
-    """A server could not be installed, started or reached; the message says which and why."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
 import optimsweep.core.numerics  # noqa: F401  (before any tensor work: see its docstring)
+from optimsweep.errors import DataError, DataUnavailable
 
 FASHION_FILES = (
     "train-images-idx3-ubyte",
@@ -46,12 +47,6 @@ IN_MEMORY_MB = 1024
 EVAL_BATCH = 4096
 
 
-class DataUnavailable(RuntimeError):
-    """The FashionMNIST files could not be found, installed or downloaded."""
-
-
-class DataError(ValueError):
-    """A data factory returned something that can't be trained on; says what and why."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ from optimsweep.core.data import (
 from optimsweep.core.models import MODELS, MODELS_BY_TASK, build_model
 from optimsweep.core.stack import ModelStack
 from optimsweep.core.usercode import is_import_string, resolve
+from optimsweep.errors import ConfigError, DivergedError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
@@ -72,17 +73,6 @@ CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration value is out of range or unknown; the message names the field."""
-
-
-class DivergedError(RuntimeError):
-    """The training loss (or another watched value) became NaN or infinite."""
-
-    def __init__(self, epoch: int, step: int, loss: float, what: str = "loss"):
-        where = f"epoch {epoch}, step {step}" if step else f"epoch {epoch}"
-        super().__init__(f"training diverged: {what} is {loss} at {where}")
-        self.epoch, self.step, self.loss = epoch, step, loss
 
 
 @dataclass

@@ -19,11 +19,10 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+from optimsweep.errors import UserCodeError
+
 IMPORT_STRING = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
-
-class UserCodeError(ValueError):
-    """An import string can't be resolved or called as the sweep file says."""
 
 
 def is_import_string(value) -> bool:

@@ -27,6 +27,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal._file import BaseJournalFileLock
 
+from optimsweep.errors import StoreError
 from optimsweep.util.atomic import create_sqlite_atomically, file_lock, write_text_atomic
 from optimsweep.util.urls import redact, redact_text
 
@@ -36,12 +37,6 @@ log = logging.getLogger("optimsweep")
 # heartbeat themselves (see `heartbeat` and trial.fail_stale_trials).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
-
-class StoreError(RuntimeError):
-    """A store (Optuna's storage or MLflow's tracking store) can't be read or written.
-
-    Not the trial's fault: the trial that hit it does not use up budget, and the sweep stops
-    with this one line."""
 
 
 def describe(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from optimsweep.core.data import TASKS
+from optimsweep.errors import WorkersFailed
 from optimsweep.records.storage import (
     RESILIENCE,
     StoreError,
@@ -51,10 +52,6 @@ log = logging.getLogger("optimsweep")
 SUMMARIZED = "optimsweep.summarized"  # the trials the parent run's summary and plots show
 WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after SIGTERM
 
-
-class WorkersFailed(RuntimeError):
-    """A worker process ended abnormally; the message says which and what became of its
-    trial."""
 
 
 @dataclass

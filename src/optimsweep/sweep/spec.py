@@ -31,6 +31,7 @@ from optimsweep.core.train import (
     metric_name,
 )
 from optimsweep.core.usercode import UserCodeError, check_arguments, is_import_string, resolve
+from optimsweep.errors import SpecError
 from optimsweep.records.storage import Resilience
 from optimsweep.sweep.samplers import (
     PRUNERS,
@@ -69,9 +70,6 @@ NOT_SEARCHABLE = ("task", "model", "epochs", "device", "val_size", "split_seed",
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
-
-class SpecError(ValueError):
-    """The sweep file is invalid; the message names the file, the key and what is allowed."""
 
 
 @dataclass
