@@ -13,10 +13,9 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from optimsweep.records.schema import State
 from optimsweep.records.storage import open_storage
 
-STATUS_OF = {"COMPLETE": ("FINISHED", "complete"), "PRUNED": ("KILLED", "pruned"),
-             "FAIL": ("FAILED", "failed")}
 DATA = Path(os.environ.get("OPTIMSWEEP_DATA", Path(__file__).parents[1] / "data")).resolve()
 
 
@@ -41,11 +40,13 @@ def assert_invariant(spec, n_trials: int | None = None):
         r.info.run_id for r in children)
     by_id = {r.info.run_id: r for r in children}
     for trial in trials:
-        assert trial.state.name in STATUS_OF, f"trial {trial.number} is {trial.state.name}"
+        assert trial.state.is_finished(), f"trial {trial.number} is {trial.state.name}"
+        state = State.of_trial(trial)
         run = by_id[trial.user_attrs["mlflow_run_id"]]
         assert run.data.tags["optimsweep.trial_number"] == str(trial.number)
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert (run.info.status, run.data.tags["optimsweep.state"]) == STATUS_OF[trial.state.name]
+        assert (run.info.status, run.data.tags["optimsweep.state"]) == (state.run_status,
+                                                                        state.word)
         for name, value in trial.params.items():
             assert run.data.params[name] == str(value)
         if trial.state.name == "COMPLETE":

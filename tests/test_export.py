@@ -16,7 +16,8 @@ from optimsweep.confirm import confirm
 from optimsweep.core.data import make_regression
 from optimsweep.core.train import TrainConfig, fit, load_data
 from optimsweep.export import export_best
-from optimsweep.run.study import open_existing, run_sweep
+from optimsweep.run.runner import run_sweep
+from optimsweep.run.study import open_existing
 from sweeps import fashion_sweep, line_sweep, load
 from test_models import TutorialNeuralNetwork
 

@@ -17,8 +17,8 @@ import torch
 from sqlalchemy import event
 
 import optimsweep.core.train
-from optimsweep.records.storage import StoreError
-from optimsweep.run.study import run_sweep
+from optimsweep.errors import StoreError
+from optimsweep.run.runner import run_sweep
 from records import (
     DATA,
     assert_invariant,

@@ -195,7 +195,7 @@ def test_a_fused_sweep_keeps_every_guarantee_of_a_sequential_one(tmp_path):
     """fuse: 4 with two batch sizes: trials of one batch size train together, each with its
     own run, curves, weights and pruning decision; the baseline runs first; the budget is
     exact; Optuna and MLflow stay 1:1."""
-    from optimsweep.run.study import run_sweep
+    from optimsweep.run.runner import run_sweep
     from records import assert_invariant
     from sweeps import line_sweep, load
 
@@ -222,7 +222,7 @@ def test_a_signal_mid_group_closes_every_members_run(tmp_path, signum):
     """Four trials training as one group: Ctrl-C fails all four (interrupted, uncounted),
     each with its FAILED run; SIGKILL leaves them for the next command, which does the same.
     The next sweep then spends the whole budget."""
-    from optimsweep.run.study import run_sweep
+    from optimsweep.run.runner import run_sweep
     from records import assert_invariant, finish, load_study, start, wait_until
     from sweeps import line_sweep, load
 
@@ -263,7 +263,7 @@ def test_an_exported_fused_trial_is_reproduced_by_train_config(tmp_path, capsys,
     import json
 
     from optimsweep.cli import main
-    from optimsweep.run.study import run_sweep
+    from optimsweep.run.runner import run_sweep
     from records import DATA
     from sweeps import fashion_sweep, load
 

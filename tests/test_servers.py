@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from optimsweep import services
-from optimsweep.records.tracking import configure_http_retries
+from optimsweep.records.tracking import Tracker
 from optimsweep.sweep.spec import load_spec
 from records import assert_invariant, finish, load_study, mlflow_runs, running_trial, wait_until
 
@@ -223,9 +223,10 @@ def test_tracking_server_gone_past_store_timeout_stops_worker_then_next_sweep_re
     (exit 3) within about store_timeout, its trial failed and uncounted; with the server
     back, the next sweep repairs the records and finishes the budget exactly."""
     store_timeout = 2  # MLflow's retries then wait 1 + 2 s (3 s would be 1 + 2 + 4 s)
-    # What an earlier sweep in this process (store_timeout 60, as in-process tests run)
-    # leaves in os.environ, which the worker inherits: it still keeps to its own timeout.
-    configure_http_retries(60)
+    # An earlier sweep in this process (store_timeout 60, as in-process tests run) leaves
+    # nothing in os.environ for the worker to inherit: it keeps to its own timeout.
+    Tracker(servers.tracking_uri, store_timeout=60).experiment_id("an earlier sweep")
+    assert not [var for var in os.environ if var.startswith("MLFLOW_HTTP_REQUEST_")]
     workers = Workers(servers, tmp_path)
     # A stack dump of every thread on SIGABRT, should the worker not stop in time.
     workers.env["PYTHONFAULTHANDLER"] = "1"

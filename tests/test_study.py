@@ -11,7 +11,7 @@ import torch
 
 from optimsweep.core.models import LinearRegressionModel
 from optimsweep.records.storage import open_storage, resolve_storage
-from optimsweep.run.study import run_sweep
+from optimsweep.run.runner import run_sweep
 from optimsweep.sweep.spec import SpecError
 from records import assert_invariant, load_study, mlflow_runs
 from sweeps import fashion_sweep, line_sweep, load

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from optimsweep.run.study import run_sweep
+from optimsweep.run.runner import run_sweep
 from sweeps import line_sweep, load
 
 pytestmark = pytest.mark.browser

@@ -129,7 +129,7 @@ def test_your_own_package_sweeps_exports_reproduces_and_loads_into_its_class(
     opened = open_existing(path)
     trials = opened.study.trials
     assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
-    runs = opened.tracker.runs(opened.ctx.experiment_id, "trial")
+    runs = opened.tracker.runs(opened.ref.experiment_id, "trial")
     assert len(runs) == 4  # one child run per trial, carrying the model's own parameter
     by_trial = {r.data.tags["optimsweep.trial_number"]: r for r in runs}
     for t in trials:

@@ -100,7 +100,7 @@ def _print_table(table) -> None:
 
 def cmd_sweep(args) -> int:
     from optimsweep.report import summary_line, trials_table
-    from optimsweep.run.study import run_sweep
+    from optimsweep.run.runner import run_sweep
     from optimsweep.sweep.spec import load_spec
 
     spec = load_spec(args.file)
@@ -115,11 +115,13 @@ def cmd_sweep(args) -> int:
 
 
 def _print_confirmation(study) -> None:
-    confirmed = study.user_attrs.get("confirmed")
+    from optimsweep.records.schema import Ranking
+
+    confirmed = Ranking.of(study)
     if not confirmed:
         return
-    print(f"\nconfirmed over seeds {confirmed['seeds']} (mean ± std, best first):")
-    for trial, mean, std in confirmed["ranking"]:
+    print(f"\nconfirmed over seeds {confirmed.seeds} (mean ± std, best first):")
+    for trial, mean, std in confirmed.ranking:
         print(f"  trial {trial:4d}: {mean:.4f} ± {std:.4f}")
 
 
@@ -250,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from optimsweep.records.storage import STORE_FAILURES, describe
+    from optimsweep.errors import describe
+    from optimsweep.records.storage import STORE_FAILURES
 
     try:
         args = build_parser().parse_args(argv)

@@ -8,9 +8,14 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from optimsweep.core.train import load_data
+from optimsweep.errors import SpecError
+from optimsweep.records.schema import Attr, Ranking, State, Tag
 from optimsweep.report import ranked_complete_trials
-from optimsweep.run.study import OpenStudy, repair
-from optimsweep.sweep.spec import SpecError
+from optimsweep.run.context import OpenStudy
+from optimsweep.run.life import run_confirmation
+from optimsweep.run.repair import repair
+from optimsweep.sweep.space import config_from_params
 
 
 @dataclass
@@ -35,10 +40,6 @@ class Confirmation:
 def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> list[Confirmation]:
     """Re-train the top-k configs with `seeds` fresh seeds each; rank by the mean metric
     and remember the ranking (and which trials it covered) for `export`."""
-    from optimsweep.core.train import load_data
-    from optimsweep.run.life import run_confirmation
-    from optimsweep.sweep.space import config_from_params
-
     spec, study, tracker = opened.spec, opened.study, opened.tracker
     if top_k < 1 or seeds < 1:
         raise SpecError(f"--top-k and --seeds must be >= 1 (got {top_k}, {seeds})")
@@ -54,9 +55,8 @@ def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> 
         trained = config_from_params(spec, trial.params)
         for seed in fresh:
             config = dataclasses.replace(trained, seed=seed)
-            outcome = run_confirmation(tracker, opened.ctx, trial.number, config, trial.params,
-                                       data)
-            if outcome.state != "complete":
+            outcome = run_confirmation(opened, trial.number, config, trial.params, data)
+            if outcome.state != State.COMPLETE:
                 confirmation.values.append(math.nan)
                 log(f"trial {trial.number} seed {seed}: failed: {outcome.error}")
                 continue
@@ -68,10 +68,10 @@ def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> 
     maximize = study.direction.name == "MAXIMIZE"
     results.sort(key=lambda c: (math.isnan(c.mean), -c.mean if maximize else c.mean))
     winner = results[0]
-    study.set_user_attr("confirmed", {
-        "winner": winner.trial, "seeds": fresh, "top_k": top_k,
-        "trials": [c.trial for c in results],
-        "ranking": [[c.trial, c.mean, c.std] for c in results],
-        "single_seed_best": top[0].number})
-    tracker.set_tag(opened.ctx.parent_run_id, "optimsweep.confirmed_trial", str(winner.trial))
+    ranking = Ranking(winner=winner.trial, seeds=fresh, top_k=top_k,
+                      trials=[c.trial for c in results],
+                      ranking=[(c.trial, c.mean, c.std) for c in results],
+                      single_seed_best=top[0].number)
+    study.set_user_attr(Attr.CONFIRMED, ranking.as_attr())
+    tracker.set_tag(opened.ref.parent_run_id, Tag.CONFIRMED_TRIAL, str(winner.trial))
     return results

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import signal
 
+from optimsweep.util.urls import redact_text
+
 
 class Expected(Exception):
     """A failure a user can cause or meet: its message is the whole story."""
@@ -84,3 +86,15 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def describe(exc: BaseException) -> str:
+    """One line about an exception, with no password in it."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not text or not type(exc).__module__.startswith("optimsweep"):  # ours say enough
+            text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return redact_text(text)[:500]

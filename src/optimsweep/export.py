@@ -11,11 +11,13 @@ from pathlib import Path
 import optuna
 
 from optimsweep.core.artifacts import load_state_dict
-from optimsweep.records.storage import StoreError, describe
-from optimsweep.records.tracking import CODE_TAG, CONFIG_FILE, STATE_DICT, config_yaml
+from optimsweep.errors import SpecError, StoreError, describe
+from optimsweep.records.schema import CONFIG_FILE, STATE_DICT, Attr, Ranking, Tag
+from optimsweep.records.tracking import config_yaml
 from optimsweep.report import ranked_complete_trials
-from optimsweep.run.study import OpenStudy, repair
-from optimsweep.sweep.spec import SpecError
+from optimsweep.run.context import OpenStudy
+from optimsweep.run.repair import repair
+from optimsweep.sweep.space import config_from_params
 from optimsweep.util.atomic import folder_replaced
 from optimsweep.util.provenance import provenance
 
@@ -37,14 +39,13 @@ def chosen_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, str]:
     if not ranked:
         raise SpecError(f"study {study.study_name!r} has no complete trial to export")
     best = ranked[0]
-    confirmed = study.user_attrs.get("confirmed")
-    if confirmed and best.number in confirmed.get("trials", [n for n, *_ in
-                                                             confirmed["ranking"]]):
-        trial = study.trials[confirmed["winner"]]
-        mean, std = next((m, s) for n, m, s in confirmed["ranking"] if n == trial.number)
+    confirmed = Ranking.of(study)
+    if confirmed and best.number in confirmed.trials:
+        trial = study.trials[confirmed.winner]
+        mean, std = confirmed.mean_std(trial.number)
         note = ("" if trial.number == best.number else
                 f"; the single-seed best was trial {best.number}")
-        return trial, (f"confirmed winner over {len(confirmed['seeds'])} fresh seeds "
+        return trial, (f"confirmed winner over {len(confirmed.seeds)} fresh seeds "
                        f"(mean {mean:.4f} ± {std:.4f}){note}")
     reason = "best single-seed trial (`optimsweep confirm` checks it across seeds)"
     if confirmed:
@@ -54,8 +55,6 @@ def chosen_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, str]:
 
 
 def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
-    from optimsweep.sweep.space import config_from_params
-
     spec, study, tracker = opened.spec, opened.study, opened.tracker
     repair(opened, close_parent=True)
     trial, reason = chosen_trial(study)
@@ -67,7 +66,7 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
                         "export replaces the whole folder, so give --out an empty or new "
                         "folder, or an earlier export")
     config = config_from_params(spec, trial.params)
-    run_id = trial.user_attrs["mlflow_run_id"]
+    run_id = trial.user_attrs[Attr.RUN_ID]
     run = tracker.run(run_id)
     if run is None:
         raise StoreError(f"tracking store: trial {trial.number}'s run {run_id} is missing; "
@@ -83,13 +82,13 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
             raise StoreError(f"run {run_id}'s {STATE_DICT} is not a plain state_dict, so it "
                              f"was not exported ({describe(exc)})") from exc
         recorded = {k: v for k, v in run.data.tags.items()
-                    if k in provenance() or k == "git_commit" or k.startswith(CODE_TAG)}
+                    if k in provenance() or k == "git_commit" or k.startswith(Tag.CODE)}
         metrics = {
             "study": spec.name, "trial": trial.number, "mlflow_run_id": run_id,
             "selected_by": f"{spec.direction} {spec.metric} (validation)", "reason": reason,
             spec.metric: trial.value,
             "final_epoch": dict(run.data.metrics),
-            "confirmed": study.user_attrs.get("confirmed"),
+            "confirmed": study.user_attrs.get(Attr.CONFIRMED),
             "provenance": {"trained_with": recorded, "exported_with": provenance(),
                            "sweep_file": str(spec.path),
                            "sweep_fingerprint": spec.fingerprint()},

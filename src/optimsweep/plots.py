@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -18,6 +19,9 @@ matplotlib.use("Agg")  # headless: sweeps run on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+
+if TYPE_CHECKING:
+    from optimsweep.records.tracking import Tracker
 
 CURVES = "val_curves.png"
 OPTUNA_PLOTS = {
@@ -72,8 +76,9 @@ def write_study_plots(study: optuna.Study, metric: str, folder: Path) -> list[Pa
     return written
 
 
-def log_study_plots(study: optuna.Study, metric: str, client, run_id: str) -> list[str]:
+def log_study_plots(study: optuna.Study, metric: str, tracker: Tracker,
+                    run_id: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_study_plots(study, metric, Path(tmp) / "plots")
-        client.log_artifacts(run_id, str(Path(tmp) / "plots"), "plots")
+        tracker.log_artifacts(run_id, Path(tmp) / "plots", "plots")
     return [f"plots/{p.name}" for p in paths]

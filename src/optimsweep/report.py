@@ -3,20 +3,16 @@ and the summary written onto the study's MLflow parent run."""
 
 from __future__ import annotations
 
-import time
+from typing import TYPE_CHECKING
 
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+from optimsweep.records.schema import Attr, Tag, counted_trials
 
-
-def counted_trials(study: optuna.Study) -> list:
-    """Trials that use up the budget: all but waiting ones and those that never gave their
-    config a verdict (interrupted, or stopped by a store failure)."""
-    return [t for t in study.get_trials(deepcopy=False, states=COUNTED_STATES)
-            if not t.user_attrs.get("interrupted")]
+if TYPE_CHECKING:
+    from optimsweep.records.tracking import Tracker
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -28,7 +24,7 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
             continue
         if t.state == TrialState.RUNNING:
             counts["running"] += 1
-        elif t.user_attrs.get("interrupted"):
+        elif t.user_attrs.get(Attr.INTERRUPTED):
             counts["interrupted"] += 1
         else:
             counts[t.state.name.lower()] += 1
@@ -49,22 +45,19 @@ def summary_line(study: optuna.Study, budget: int) -> str:
             f"{used} of {budget} used")
 
 
-def log_summary(study: optuna.Study, metric: str, tracker, run_id: str) -> None:
+def log_summary(study: optuna.Study, metric: str, tracker: Tracker, run_id: str) -> None:
     """Counts by outcome and the best trial on the study's parent run."""
-    from mlflow.entities import Metric, RunTag
-
-    now = int(time.time() * 1000)
     counts = state_counts(study)
-    metrics = [Metric(f"n_{k}", v, now, 0) for k, v in counts.items()]
-    tags = []
+    metrics = {f"n_{k}": v for k, v in counts.items()}
+    tags = {}
     if counts["complete"]:
         best = study.best_trial
-        metrics.append(Metric(f"best_{metric}", best.value, now, 0))
+        metrics[f"best_{metric}"] = best.value
         if "test_accuracy" in best.user_attrs:
-            metrics.append(Metric("best_test_accuracy", best.user_attrs["test_accuracy"], now, 0))
-        tags = [RunTag("optimsweep.best_trial", str(best.number)),
-                RunTag("optimsweep.best_run_id", best.user_attrs.get("mlflow_run_id", ""))]
-    tracker.client.log_batch(run_id, metrics=metrics, tags=tags)
+            metrics["best_test_accuracy"] = best.user_attrs["test_accuracy"]
+        tags = {Tag.BEST_TRIAL: str(best.number),
+                Tag.BEST_RUN_ID: best.user_attrs.get(Attr.RUN_ID, "")}
+    tracker.log_summary(run_id, metrics, tags)
 
 
 def trials_table(study: optuna.Study, metric: str, top: int | None = 10) -> pd.DataFrame:
@@ -78,11 +71,11 @@ def trials_table(study: optuna.Study, metric: str, top: int | None = 10) -> pd.D
         value = t.value if t.state == TrialState.COMPLETE else (
             t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values
             else float("nan"))
-        state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()
+        state = "interrupted" if t.user_attrs.get(Attr.INTERRUPTED) else t.state.name.lower()
         rows.append({"trial": t.number, "state": state, metric: value,
                      test: t.user_attrs.get(test, float("nan")),
-                     "epochs": t.user_attrs.get("epochs_run", 0), **t.params,
-                     "run_id": t.user_attrs.get("mlflow_run_id", "")})
+                     "epochs": t.user_attrs.get(Attr.EPOCHS_RUN, 0), **t.params,
+                     "run_id": t.user_attrs.get(Attr.RUN_ID, "")})
     if not rows:
         return pd.DataFrame(columns=["trial", "state", metric, test, "run_id"])
     table = pd.DataFrame(rows)

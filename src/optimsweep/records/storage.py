@@ -2,7 +2,7 @@
 
 Opening a store here makes it safe to share: SQLite databases are created atomically, a
 journal's torn last line (a write cut short by a crash or a full disk) is set aside before
-anything is appended to it, and `study_lock` gives one process at a time the right to create
+anything is appended to it, and `StudyStorage.lock` gives one process at a time the right to create
 a study or claim a trial of the budget.
 """
 
@@ -24,31 +24,20 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.storages.journal._file import BaseJournalFileLock
 
-from optimsweep.errors import StoreError
+from optimsweep.errors import StoreError, describe
+from optimsweep.records.optuna_adapter import (
+    BaseJournalFileLock,
+    heartbeat_enabled,
+    stale_trial_ids,
+)
+from optimsweep.util import signals
 from optimsweep.util.atomic import create_sqlite_atomically, file_lock, write_text_atomic
-from optimsweep.util.urls import redact, redact_text
+from optimsweep.util.urls import redact
 
 DEFAULT_STORAGE = "mlruns/optuna.journal"
 log = logging.getLogger("optimsweep")
-# Trials are asked and told here, not by optimize(): our claim and trial loop drive the
-# heartbeat themselves (see `heartbeat` and trial.fail_stale_trials).
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
-
-
-def describe(exc: BaseException) -> str:
-    """One line about an exception, with no password in it."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" ({exc.filename})" if exc.filename else ""
-        text = f"{exc.strerror}{where}"
-    else:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if not text or not type(exc).__module__.startswith("optimsweep"):  # ours say enough
-            text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return redact_text(text)[:500]
 
 
 def _store_failures() -> tuple[type[BaseException], ...]:
@@ -64,7 +53,7 @@ def _store_failures() -> tuple[type[BaseException], ...]:
 STORE_FAILURES = _store_failures()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resilience:
     """How a study rides out its servers: Optuna's heartbeat on a server database (a trial
     silent for `grace_period` seconds is failed, and retried by a live worker up to
@@ -76,8 +65,6 @@ class Resilience:
     store_timeout: float = 60.0
 
 
-RESILIENCE = Resilience()  # this process's settings, from the sweep file being run
-_gave_up = False  # the database stayed away for a whole store_timeout once already
 
 
 def _lost_connection(exc: BaseException) -> bool:
@@ -92,32 +79,6 @@ def _lost_connection(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-def storage_call(fn, *args, retry: bool = True, **kwargs):
-    """Call Optuna: its storage failing is a store failure (one line, the trial uncounted),
-    not the trial's own. A lost database connection is tried again with backoff for
-    RESILIENCE.store_timeout seconds first (not with `retry=False`: inside the study lock,
-    whose connection went with it)."""
-    from optimsweep.util import signals
-
-    global _gave_up
-    deadline, pause = time.monotonic() + RESILIENCE.store_timeout, 0.5
-    while True:
-        try:
-            with signals.held():  # not between a write and its commit
-                return fn(*args, **kwargs)
-        except (StoreError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            lost = _lost_connection(exc)
-            if not (retry and lost and not _gave_up and time.monotonic() + pause < deadline):
-                _gave_up = _gave_up or lost  # it had its time: later calls fail at once
-                raise StoreError(f"study storage: {describe(exc)}") from exc
-            log.debug(f"study storage unreachable ({describe(exc)}); again in {pause:.1f} s")
-            time.sleep(pause)
-            signals.check()
-            pause = min(2 * pause, 8.0)
 
 
 def resolve_storage(spec_storage: str | None = None) -> str:
@@ -238,31 +199,32 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
 
 
 # One engine per server database and process: its pool is what bounds the connections.
-_SERVER_STORAGES: dict[str, optuna.storages.RDBStorage] = {}
+_SERVER_STORAGES: dict[tuple[str, Resilience], optuna.storages.RDBStorage] = {}
 # A trial's calls + its heartbeat, or a claim + the study lock (plus, while a process first
 # opens the database, the lock that lets one process at a time create Optuna's tables).
 CONNECTIONS_PER_PROCESS = 2
 
 
-def _server_storage(url: str) -> optuna.storages.RDBStorage:
+def _server_storage(url: str, resilience: Resilience) -> optuna.storages.RDBStorage:
     """PostgreSQL for many machines: Optuna's heartbeat and stale-trial retry, a pool of
     at most two connections named after this process, checked before use (a restarted
     server leaves dead ones behind)."""
-    if url not in _SERVER_STORAGES:
+    key = (url, resilience)  # another sweep file in this process may ride outages otherwise
+    if key not in _SERVER_STORAGES:
         name = f"optimsweep {socket.gethostname()} pid {os.getpid()}"[:63]
         with warnings.catch_warnings(), _one_at_a_time(url, "optimsweep schema", "init " + name):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            _SERVER_STORAGES[url] = optuna.storages.RDBStorage(
+            _SERVER_STORAGES[key] = optuna.storages.RDBStorage(
                 url,
                 engine_kwargs={"pool_size": CONNECTIONS_PER_PROCESS, "max_overflow": 0,
                                "pool_pre_ping": True, "pool_timeout": 120,
                                "connect_args": {"application_name": name,
                                                 "connect_timeout": 10}},
-                heartbeat_interval=RESILIENCE.heartbeat_interval,
-                grace_period=RESILIENCE.grace_period,
+                heartbeat_interval=resilience.heartbeat_interval,
+                grace_period=resilience.grace_period,
                 heartbeat_stale_trial_callback=RetryStaleTrial(
-                    max_retry=RESILIENCE.max_retry))
-    return _SERVER_STORAGES[url]
+                    max_retry=resilience.max_retry))
+    return _SERVER_STORAGES[key]
 
 
 def _lock_key(text: str) -> int:
@@ -286,7 +248,7 @@ def _one_at_a_time(url: str, what: str, application_name: str) -> Iterator[None]
         engine.dispose()
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, resilience: Resilience | None = None) -> optuna.storages.BaseStorage:
     """A URL (postgresql://, sqlite:///) is an RDB; anything else is a journal file path,
     which several local worker processes can share safely (SQLite can't)."""
     try:
@@ -294,7 +256,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             if url.startswith("sqlite:///"):
                 create_sqlite_atomically(url.removeprefix("sqlite:///"), _create_rdb)
                 return optuna.storages.RDBStorage(url)
-            return _server_storage(url)
+            return _server_storage(url, resilience or Resilience())
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         _set_torn_tail_aside_now(path)  # else Optuna would silently drop that last record
@@ -312,57 +274,116 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise StoreError(f"storage {redact(url)}: {describe(exc)}") from exc
 
 
-@contextmanager
-def study_lock(url: str, study_name: str) -> Iterator[None]:
-    """One process at a time may create the study or claim a trial of its budget."""
-    if is_journal(url):
-        with file_lock(_lock_path(url, "study")):
-            yield
-    elif url.startswith("sqlite:///"):
-        with file_lock(_lock_path(url.removeprefix("sqlite:///"), "study")):
-            yield
-    else:  # a server database: an advisory lock, held by a transaction of the storage's
-        import sqlalchemy  # own pool, so it ends with the transaction or the connection
+class StudyStorage:
+    """Optuna's storage of a study's records, as this process uses it: with the settings it
+    rides out an outage by (the sweep file's `heartbeat:` and `store_timeout:`), the study
+    lock, and a trial's heartbeat."""
 
-        key = _lock_key(study_name)
-        engine = open_storage(url).engine
-        try:
-            conn = engine.connect()
-            transaction = conn.begin()
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-        except sqlalchemy.exc.SQLAlchemyError as exc:
-            raise StoreError(f"study storage {redact(url)}: {describe(exc)}") from exc
+    def __init__(self, url: str, resilience: Resilience | None = None):
+        self.url = url
+        self.resilience = resilience or Resilience()
+        self.optuna = open_storage(url, self.resilience)
+        self._gave_up = False  # the database stayed away for a whole store_timeout once
+
+    @property
+    def heartbeat_enabled(self) -> bool:
+        return heartbeat_enabled(self.optuna)
+
+    def call(self, fn, *args, retry: bool = True, **kwargs):
+        """Call Optuna: its storage failing is a store failure (one line, the trial
+        uncounted), not the trial's own. A lost database connection is tried again with
+        backoff for `store_timeout` seconds first (not with `retry=False`: inside the study
+        lock, whose connection went with it)."""
+        deadline, pause = time.monotonic() + self.resilience.store_timeout, 0.5
+        while True:
+            try:
+                with signals.held():  # not between a write and its commit
+                    return fn(*args, **kwargs)
+            except (StoreError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                lost = _lost_connection(exc)
+                if not (retry and lost and not self._gave_up
+                        and time.monotonic() + pause < deadline):
+                    self._gave_up = self._gave_up or lost  # later calls fail at once
+                    raise StoreError(f"study storage: {describe(exc)}") from exc
+                log.debug(f"study storage unreachable ({describe(exc)}); again in {pause:.1f} s")
+                time.sleep(pause)
+                signals.check()
+                pause = min(2 * pause, 8.0)
+
+    @contextmanager
+    def lock(self, study_name: str) -> Iterator[None]:
+        """One process at a time may create the study or claim a trial of its budget."""
+        url = self.url
+        if is_journal(url):
+            with file_lock(_lock_path(url, "study")):
+                yield
+        elif url.startswith("sqlite:///"):
+            with file_lock(_lock_path(url.removeprefix("sqlite:///"), "study")):
+                yield
+        else:  # a server database: an advisory lock, held by a transaction of the storage's
+            import sqlalchemy  # own pool, so it ends with the transaction or the connection
+
+            try:
+                conn = self.optuna.engine.connect()
+                transaction = conn.begin()
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"),
+                             {"k": _lock_key(study_name)})
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                raise StoreError(f"study storage {redact(url)}: {describe(exc)}") from exc
+            try:
+                yield
+            finally:
+                try:
+                    transaction.rollback()  # nothing was written on it: this just unlocks
+                    conn.close()
+                except sqlalchemy.exc.SQLAlchemyError:
+                    conn.invalidate()  # the server went away, and the lock with it
+
+    def stale_trial_ids(self, study: optuna.Study) -> set[int]:
+        """Trial ids whose heartbeat (server storages only) is older than the grace period.
+        Called under the study lock: not retried."""
+        if not self.heartbeat_enabled:
+            return set()
+        return set(self.call(stale_trial_ids, study, retry=False))
+
+    def retry_stale(self, study: optuna.Study, trial_id: int) -> None:
+        """Optuna's retry of a heartbeat-stale trial (server storages): its params queued
+        again. Journal studies retry in the claim instead."""
+        retry = self.optuna.get_heartbeat_stale_trial_callback() if self.heartbeat_enabled \
+            else None
+        if retry is not None:
+            self.call(retry, study, self.optuna.get_trial(trial_id), retry=False)
+
+    def first_beat(self, trial_id: int) -> None:
+        """A claimed trial's first heartbeat, before anything else (under the study lock)."""
+        if self.heartbeat_enabled:
+            self.call(self.optuna.record_heartbeat, trial_id, retry=False)
+
+    @contextmanager
+    def heartbeat(self, trial_id: int) -> Iterator[None]:
+        """Optuna's heartbeat for a trial run by ask-and-tell (Optuna beats only inside
+        `optimize`). A beat that fails (the database restarting) is tried at the next
+        interval; beats missed for the grace period let another worker fail and retry the
+        trial."""
+        if not self.heartbeat_enabled:
+            yield
+            return
+        storage, stop = self.optuna, threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(storage.get_heartbeat_interval()):
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as exc:  # noqa: BLE001
+                    log.debug(f"heartbeat of trial id {trial_id} missed: {describe(exc)}")
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+        thread.start()
         try:
             yield
         finally:
-            try:
-                transaction.rollback()  # nothing was written on it: this just unlocks
-                conn.close()
-            except sqlalchemy.exc.SQLAlchemyError:
-                conn.invalidate()  # the server went away, and the lock with it
+            stop.set()
+            thread.join()
 
-
-@contextmanager
-def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
-    """Optuna's heartbeat for a trial run by ask-and-tell (Optuna beats only inside
-    `optimize`). A beat that fails (the database restarting) is tried at the next interval;
-    beats missed for the grace period let another worker fail and retry the trial."""
-    if not is_heartbeat_enabled(storage):
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(storage.get_heartbeat_interval()):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception as exc:  # noqa: BLE001
-                log.debug(f"heartbeat of trial id {trial_id} missed: {describe(exc)}")
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()

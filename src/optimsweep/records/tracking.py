@@ -7,6 +7,7 @@ down) raises StoreError naming the store, so callers can tell it from a trial's 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -14,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -24,23 +26,22 @@ from mlflow.exceptions import MlflowException
 from optimsweep.core.artifacts import save_state_dict
 from optimsweep.core.train import EpochStats, FitResult, TrainConfig
 from optimsweep.core.usercode import code_version
-from optimsweep.records.storage import StoreError, describe
+from optimsweep.errors import StoreError, describe
+from optimsweep.records.schema import (
+    CONFIG_FILE,
+    STATE_DICT,
+    STUDY_ROLE,
+    TRACEBACK_FILE,
+    TRIAL_ROLE,
+    State,
+    Tag,
+)
 from optimsweep.util import signals
 from optimsweep.util.atomic import create_sqlite_atomically
 from optimsweep.util.provenance import provenance
 from optimsweep.util.urls import redact, redact_text
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-ROLE, STUDY, TRIAL, STATE = ("optimsweep.role", "optimsweep.study", "optimsweep.trial_number",
-                             "optimsweep.state")
-HOST, PID, ERROR = "optimsweep.host", "optimsweep.pid", "optimsweep.error"
-# The trial's real outcome, as MLflow's run status (state is also a tag, in Optuna's words).
-RUN_STATUS = {"running": "RUNNING", "complete": "FINISHED", "pruned": "KILLED",
-              "failed": "FAILED"}
-STATE_DICT = "state_dict.pt"
-CONFIG_FILE = "config.yaml"
-TRACEBACK_FILE = "traceback.txt"
-CODE_TAG = "optimsweep.code."  # + data/model/metric: the user's factory and its version
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -51,46 +52,36 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-# MLflow's own retry of a request to a tracking server, unless the environment sets it.
+# MLflow's own retry of a request to a tracking server: it reads these at each request, and
+# only from the environment. They are set for the length of each call (see `_store_call`)
+# and only where the user did not set them, so no other process inherits them.
 _HTTP_RETRY_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT")
-# The values optimsweep itself wrote into them ("VAR=value,..."). Every process started from
-# this one (a worker, a test's `optimsweep` subprocess) inherits os.environ: without this
-# note it would take an earlier sweep's retries (store_timeout 60: six retries, 30 s per
-# attempt, over a minute) for the user's own and ignore its sweep file's store_timeout.
-_WRITTEN = "OPTIMSWEEP_MLFLOW_HTTP_SET"
 _GIVEN_UP_TIMEOUT = 5  # seconds per attempt once the server had its store_timeout
 
 
-def _user_set(environ) -> frozenset[str]:
-    """The retry variables the user set: present, and not as optimsweep wrote them."""
-    written = dict(item.split("=", 1) for item in environ.get(_WRITTEN, "").split(",")
-                   if "=" in item)
-    return frozenset(var for var in _HTTP_RETRY_VARS
-                     if var in environ and environ[var] != written.get(var))
-
-
-_USER_SET = _user_set(os.environ)
-
-
-def _set_http_env(values: dict[str, int]) -> None:
-    """Set the retry variables the user did not, and note them as optimsweep's."""
-    for var, value in values.items():
-        if var not in _USER_SET:
-            os.environ[var] = str(value)
-    os.environ[_WRITTEN] = ",".join(f"{var}={os.environ[var]}" for var in _HTTP_RETRY_VARS
-                                    if var in os.environ and var not in _USER_SET)
-
-
-def configure_http_retries(seconds: float) -> None:
-    """Size MLflow's retry with exponential backoff (waits 2, 4, 8 ... s) to ride out a
-    tracking server that is gone for about `seconds`; after that the call fails and the
-    trial stops uncounted. MLflow's default keeps retrying for minutes."""
+def http_retries(store_timeout: float) -> dict[str, int]:
+    """MLflow's retry with exponential backoff (waits 2, 4, 8 ... s) sized to ride out a
+    tracking server that is gone for about `store_timeout` seconds; after that the call
+    fails and the trial stops uncounted. MLflow's default keeps retrying for minutes."""
     retries = 1
-    while 2 ** retries - 2 < seconds and retries < 10:
+    while 2 ** retries - 2 < store_timeout and retries < 10:
         retries += 1
-    timeout = max(5, min(60, int(seconds / 2)))  # per attempt, for a server that hangs
-    _set_http_env(dict(zip(_HTTP_RETRY_VARS, (retries, 1, timeout), strict=True)))
+    timeout = max(5, min(60, int(store_timeout / 2)))  # per attempt, for a server that hangs
+    return dict(zip(_HTTP_RETRY_VARS, (retries, 1, timeout), strict=True))
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, int]) -> Iterator[None]:
+    """Set the variables the user did not set, for the block only."""
+    added = [var for var in values if var not in os.environ]
+    for var in added:
+        os.environ[var] = str(values[var])
+    try:
+        yield
+    finally:
+        for var in added:
+            os.environ.pop(var, None)
 
 
 def resolve_tracking_uri(spec_uri: str | None = None) -> str:
@@ -165,18 +156,21 @@ def _dispose(url: str) -> None:
 
 def _store_call(method):
     """Turn any failure of the store into a StoreError that names the store. Ctrl-C waits
-    for the call to end (see signals)."""
+    for the call to end (see signals); a server that does not answer is retried as the
+    tracker's settings say."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         try:
-            with signals.held():
+            with signals.held(), _environment(self._http_retries):
                 return method(self, *args, **kwargs)
         except StoreError:
             raise
         except Exception as exc:
-            if _unreachable(exc):
-                _stop_retrying()
+            if _unreachable(exc):  # it had its time: later calls are tried once, briefly,
+                self._http_retries = {  # so the worker stops within about store_timeout
+                    **self._http_retries, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0,
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT": _GIVEN_UP_TIMEOUT}
             raise StoreError(f"tracking store {redact(self.uri)}: {describe(exc)}") from exc
 
     return call
@@ -196,17 +190,13 @@ def _unreachable(exc: BaseException | None) -> bool:
     return False
 
 
-def _stop_retrying() -> None:
-    """The server had its time once: this process's remaining calls (closing the run, the
-    study's summary) are tried once, for a few seconds each, so the worker stops within
-    about one store_timeout even when the server hangs rather than refuses."""
-    _set_http_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0,
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": _GIVEN_UP_TIMEOUT})  # ours are never less
-
-
 class Tracker:
-    def __init__(self, tracking_uri: str | None = None):
+    """Every MLflow write and read of the project: runs, params, metrics, tags, artifacts.
+    `store_timeout`: seconds a tracking server that went away is retried."""
+
+    def __init__(self, tracking_uri: str | None = None, store_timeout: float = 60.0):
         self.uri = resolve_tracking_uri(tracking_uri)
+        self._http_retries = http_retries(store_timeout)
         if self.uri.startswith("sqlite:///"):
             try:
                 create_sqlite_atomically(self.uri.removeprefix("sqlite:///"),
@@ -235,9 +225,9 @@ class Tracker:
     def runs(self, experiment_id: str, role: str) -> list:
         """Every live run of one role in the experiment. Values are matched here, not in
         the filter string, so no study name can change what the filter means."""
-        found = self.client.search_runs([experiment_id], f"tags.`{ROLE}` = '{role}'",
+        found = self.client.search_runs([experiment_id], f"tags.`{Tag.ROLE}` = '{role}'",
                                         max_results=50_000)
-        return [r for r in found if r.data.tags.get(ROLE) == role]
+        return [r for r in found if r.data.tags.get(Tag.ROLE) == role]
 
     @_store_call
     def run(self, run_id: str):
@@ -254,14 +244,15 @@ class Tracker:
                   sweep_file: str, tags: dict) -> str:
         """The study's parent run, created once and reopened when the study resumes. The
         caller holds the study lock, so two processes never both create one."""
-        found = [r for r in self.runs(experiment_id, "study")
-                 if r.data.tags.get(STUDY) == study_name]
-        all_tags = {ROLE: "study", STUDY: study_name, **tags, **provenance()}
+        found = [r for r in self.runs(experiment_id, STUDY_ROLE)
+                 if r.data.tags.get(Tag.STUDY) == study_name]
+        all_tags = {Tag.ROLE: STUDY_ROLE, Tag.STUDY: study_name, **tags, **provenance()}
         if found:
             run_id = min(found, key=lambda r: r.info.start_time).info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run_id = self.client.create_run(experiment_id, tags={ROLE: "study", STUDY: study_name},
+            run_id = self.client.create_run(experiment_id,
+                                            tags={Tag.ROLE: STUDY_ROLE, Tag.STUDY: study_name},
                                             run_name=f"study {study_name}").info.run_id
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
         self.client.log_text(run_id, sweep_text, f"sweep/{Path(sweep_file).name}")
@@ -269,7 +260,7 @@ class Tracker:
 
     @_store_call
     def start_run(self, experiment_id: str, parent_run_id: str, study_name: str,
-                  trial_number: int, *, role: str = "trial", run_name: str | None = None,
+                  trial_number: int, *, role: str = TRIAL_ROLE, run_name: str | None = None,
                   tags: dict | None = None) -> str:
         """A child run of the study's parent run: role "trial" (one per Optuna trial) or
         "confirm" (a re-training of a trial's config with another seed). Host and pid say
@@ -277,9 +268,10 @@ class Tracker:
         run = self.client.create_run(
             experiment_id,
             run_name=run_name or f"trial {trial_number:03d}",
-            tags={"mlflow.parentRunId": parent_run_id, ROLE: role, STUDY: study_name,
-                  TRIAL: str(trial_number), STATE: "running", HOST: socket.gethostname(),
-                  PID: str(os.getpid()), **(tags or {}), **provenance()},
+            tags={Tag.PARENT: parent_run_id, Tag.ROLE: role, Tag.STUDY: study_name,
+                  Tag.TRIAL: str(trial_number), Tag.STATE: State.RUNNING.word,
+                  Tag.HOST: socket.gethostname(), Tag.PID: str(os.getpid()), **(tags or {}),
+                  **provenance()},
         )
         return run.info.run_id
 
@@ -287,10 +279,10 @@ class Tracker:
     def log_config(self, run_id: str, config: TrainConfig, sampled: dict) -> None:
         """Every parameter that applies, and config.yaml to rerun it with `train --config`."""
         params = [Param(k, str(v)) for k, v in config.active_params().items()]
-        code = [RunTag(f"{CODE_TAG}{role}", f"{ref} = {code_version(ref, config.code_dir)}")
+        code = [RunTag(f"{Tag.CODE}{role}", f"{ref} = {code_version(ref, config.code_dir)}")
                 for role, ref in config.user_code().items()]  # what version trained it
         self.client.log_batch(run_id, params=params, tags=[
-            RunTag("optimsweep.sampled", ",".join(sorted(sampled))), *code])
+            RunTag(Tag.SAMPLED, ",".join(sorted(sampled))), *code])
         self.client.log_text(run_id, config_yaml(config), CONFIG_FILE)
 
     @_store_call
@@ -323,18 +315,18 @@ class Tracker:
             self.client.log_artifact(run_id, save_state_dict(result.model, Path(tmp) / STATE_DICT))
 
     @_store_call
-    def finish_run(self, run_id: str, state: str, error: str | None = None,
+    def finish_run(self, run_id: str, state: State, error: str | None = None,
                    traceback: str | None = None) -> None:
         """Close a run in its trial's real state, with the reason when it failed."""
-        tags = [RunTag(STATE, state)] + ([RunTag(ERROR, redact_text(error)[:5000])]
-                                         if error else [])
+        tags = [RunTag(Tag.STATE, state.word)] + (
+            [RunTag(Tag.ERROR, redact_text(error)[:5000])] if error else [])
         self.client.log_batch(run_id, tags=tags)
         if traceback:
             try:  # the reason is already on the run; the traceback is a bonus a full disk
                 self.client.log_text(run_id, redact_text(traceback), TRACEBACK_FILE)  # may refuse
             except Exception:  # noqa: BLE001
                 pass
-        self.client.set_terminated(run_id, RUN_STATUS[state])
+        self.client.set_terminated(run_id, state.run_status)
 
     @_store_call
     def tag(self, run_id: str, key: str) -> str | None:
@@ -364,6 +356,17 @@ class Tracker:
 
     @_store_call
     def delete_run(self, run_id: str, reason: str) -> None:
-        self.client.set_tag(run_id, ERROR, reason)
+        self.client.set_tag(run_id, Tag.ERROR, reason)
         self.client.set_terminated(run_id, "FAILED")
         self.client.delete_run(run_id)
+
+    @_store_call
+    def log_summary(self, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        """A study's counts and best trial, on its parent run."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                              tags=[RunTag(k, v) for k, v in tags.items()])
+
+    @_store_call
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)

@@ -1,0 +1,150 @@
+"""What the records hold, in one vocabulary: a trial's state with its Optuna and MLflow faces,
+the name of every user attribute and tag, the artifact files, and the confirm ranking.
+
+Both stores are read by people (the MLflow UI, `optuna-dashboard`) and by earlier versions of
+this tool: every name here is part of the records' format, and changing one orphans what
+existing studies hold.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+
+class State(enum.Enum):
+    """How a trial (or a confirm run) stands, as Optuna and MLflow each say it."""
+
+    RUNNING = ("running", TrialState.RUNNING, "RUNNING")
+    COMPLETE = ("complete", TrialState.COMPLETE, "FINISHED")
+    PRUNED = ("pruned", TrialState.PRUNED, "KILLED")
+    FAILED = ("failed", TrialState.FAIL, "FAILED")
+
+    def __init__(self, word: str, trial_state: TrialState, run_status: str):
+        self.word = word  # the `optimsweep.state` tag
+        self.trial_state = trial_state
+        self.run_status = run_status  # MLflow's run status
+
+    @classmethod
+    def of_trial(cls, trial: optuna.trial.FrozenTrial) -> State:
+        """A finished or running trial's state (WAITING has no run, and no State)."""
+        return next(s for s in cls if s.trial_state == trial.state)
+
+
+# A run's role in the study's experiment (tag ROLE).
+STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"
+
+
+class Tag:
+    """MLflow tag names. Every run: ROLE, STUDY. Child runs: TRIAL, STATE, HOST, PID (which
+    process owns it, so a later command can close it if that process died), ERROR."""
+
+    ROLE = "optimsweep.role"
+    STUDY = "optimsweep.study"
+    TRIAL = "optimsweep.trial_number"
+    STATE = "optimsweep.state"
+    HOST = "optimsweep.host"
+    PID = "optimsweep.pid"
+    ERROR = "optimsweep.error"
+    # a trial's run
+    DEVICE = "optimsweep.device"
+    FUSED = "optimsweep.fused"  # members of its group
+    PRECISION = "optimsweep.precision"  # fp32 or bf16, `auto` resolved
+    RETRY_OF = "optimsweep.retry_of"
+    SAMPLED = "optimsweep.sampled"
+    CODE = "optimsweep.code."  # + data/model/metric: the user's factory and its version
+    # a confirm run
+    SEED = "optimsweep.seed"
+    # the study's parent run
+    SAMPLER = "optimsweep.sampler"
+    SAMPLER_OPTIONS = "optimsweep.sampler_options"
+    PRUNER = "optimsweep.pruner"
+    PRUNER_OPTIONS = "optimsweep.pruner_options"
+    METRIC = "optimsweep.metric"
+    STORAGE = "optimsweep.storage"  # redacted
+    FINGERPRINT = "optimsweep.sweep_fingerprint"
+    NOTE = "optimsweep.note"
+    SUMMARIZED = "optimsweep.summarized"  # the trials the summary and plots show
+    BEST_TRIAL = "optimsweep.best_trial"
+    BEST_RUN_ID = "optimsweep.best_run_id"
+    CONFIRMED_TRIAL = "optimsweep.confirmed_trial"
+    PARENT = "mlflow.parentRunId"
+
+
+class Attr:
+    """Optuna user attribute names: of a trial, then of the study."""
+
+    RUN_ID = "mlflow_run_id"  # the trial's MLflow run
+    HOST = "host"  # the process that claimed it
+    PID = "pid"
+    INTERRUPTED = "interrupted"  # never got a verdict: not counted, its config run again
+    ERROR = "error"
+    BASELINE = "baseline"
+    RETRY_OF = "retry_of"  # the trial number whose config this one runs again
+    RETRIES = "retries"
+    EPOCHS_RUN = "epochs_run"
+    # the study's
+    FINGERPRINT = "fingerprint"
+    SWEEP_FILE = "sweep_file"
+    SWEEP_TEXT = "sweep_text"  # redacted: `export STUDY` works without the file
+    EXPERIMENT_ID = "mlflow_experiment_id"
+    PARENT_RUN_ID = "mlflow_parent_run_id"
+    CONFIRMED = "confirmed"  # a Ranking, as_attr()
+
+
+# Artifacts of a trial's run.
+STATE_DICT = "state_dict.pt"
+CONFIG_FILE = "config.yaml"
+TRACEBACK_FILE = "traceback.txt"
+INTERRUPTED = "interrupted: Ctrl-C or SIGTERM"  # the reason of a trial stopped by a signal
+
+# States whose trials use up budget (unless interrupted); WAITING ones don't.
+_COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
+def is_counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial that uses up budget: started, and not one that never gave its config a
+    verdict (interrupted, or stopped by a store failure)."""
+    return trial.state in _COUNTED_STATES and not trial.user_attrs.get(Attr.INTERRUPTED)
+
+
+def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=_COUNTED_STATES)
+            if is_counted(t)]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What `confirm` found: the top configs re-trained with fresh seeds, best mean first.
+    Stored on the study as a user attribute (`as_attr`)."""
+
+    winner: int  # trial number
+    seeds: list[int]
+    top_k: int
+    trials: list[int]  # the trials it covered
+    ranking: list[tuple[int, float, float]]  # (trial, mean, std), best first
+    single_seed_best: int
+
+    def as_attr(self) -> dict:
+        return {"winner": self.winner, "seeds": list(self.seeds), "top_k": self.top_k,
+                "trials": list(self.trials),
+                "ranking": [[n, mean, std] for n, mean, std in self.ranking],
+                "single_seed_best": self.single_seed_best}
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> Ranking | None:
+        """The study's ranking; None before any `confirm`. Rankings stored before `trials`
+        was recorded covered exactly the trials they rank."""
+        raw = study.user_attrs.get(Attr.CONFIRMED)
+        if not raw:
+            return None
+        ranking = [tuple(row) for row in raw["ranking"]]
+        return cls(winner=raw["winner"], seeds=list(raw["seeds"]), top_k=raw.get("top_k", 0),
+                   trials=list(raw.get("trials", [n for n, *_ in ranking])), ranking=ranking,
+                   single_seed_best=raw.get("single_seed_best", ranking[0][0]))
+
+    def mean_std(self, trial: int) -> tuple[float, float]:
+        return next((mean, std) for n, mean, std in self.ranking if n == trial)

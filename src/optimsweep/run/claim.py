@@ -1,0 +1,144 @@
+"""Claiming the budget: which trial runs next, asked from Optuna one at a time under the study
+lock, after counting, so concurrent processes never exceed `n_trials`.
+
+Before anything new is sampled: each baseline until it has a counted outcome, then the
+config of an interrupted trial (a bounded number of times: it never got a verdict), then,
+for a grid, the first point no trial covers. Nothing waits in the queue outside the lock,
+so no trial is left WAITING.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from optimsweep.records.optuna_adapter import trial_id
+from optimsweep.records.schema import Attr, counted_trials
+from optimsweep.run.context import OpenStudy
+from optimsweep.run.repair import fail_stale_trials
+from optimsweep.sweep.samplers import build_sampler, grid_space, sampler_seed
+from optimsweep.sweep.spec import Spec
+from optimsweep.util import signals
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claim got: trials to run now; else `wait` while the budget is held by trials
+    running in other processes that may yet fail; else (neither) the budget is used up."""
+
+    trials: tuple[optuna.Trial, ...] = ()
+    wait: bool = False
+
+    @property
+    def done(self) -> bool:
+        return not self.trials and not self.wait
+
+
+def _given(t: optuna.trial.FrozenTrial) -> dict:
+    """A trial's params; an enqueued one has them before it suggests them."""
+    return {**t.system_attrs.get("fixed_params", {}), **t.params}
+
+
+def next_enqueued(trials: list, spec: Spec, max_retry: int) -> tuple[dict, dict] | None:
+    """What to run before sampling anything new, with the user attrs to give it: each
+    baseline until it has a counted outcome (or is running), then the config of an
+    interrupted trial, at most `max_retry` times."""
+    for params in spec.baseline:
+        if not any(t.user_attrs.get(Attr.BASELINE) and not t.user_attrs.get(Attr.INTERRUPTED)
+                   and all(_given(t).get(k) == v for k, v in params.items()) for t in trials):
+            return params, {Attr.BASELINE: True}
+    retried = {t.user_attrs.get(Attr.RETRY_OF) for t in trials}
+    for t in trials:
+        retries = t.user_attrs.get(Attr.RETRIES, 0)
+        if (t.user_attrs.get(Attr.INTERRUPTED) and not t.user_attrs.get(Attr.BASELINE)
+                and _given(t) and t.number not in retried and retries < max_retry):
+            return _given(t), {Attr.RETRY_OF: t.number, Attr.RETRIES: retries + 1}
+    return None
+
+
+def _uncovered_grid_point(study: optuna.Study, spec: Spec) -> dict | None:
+    """The first grid point (in the file's order) that no counted or running trial covers.
+    The claim hands grid points out itself: Optuna's grid sampler numbers its points by
+    trial number, so a baseline or a retry would make it skip one."""
+    covered = [_given(t) for t in counted_trials(study)]
+    grid = grid_space(spec)
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values, strict=True))
+        if not any(params and all(point[k] == v for k, v in params.items() if k in point)
+                   for params in covered):
+            return point
+    return None
+
+
+def _others_running(opened: OpenStudy, counted: list) -> bool:
+    """Counted trials still running in other processes, whose end this process will see:
+    they finish, or they are found dead (same host: pid; any host: no heartbeat) and their
+    params are retried. Trials of another host without a heartbeat can't be watched."""
+    running = [t for t in counted if t.state == TrialState.RUNNING]
+    return bool(running) and (opened.storage.heartbeat_enabled or all(
+        t.user_attrs.get(Attr.HOST) == socket.gethostname() for t in running))
+
+
+def _seeded_sampler(spec: Spec, n_trials_so_far: int) -> optuna.samplers.BaseSampler:
+    """The sampler for the next trial: seeded by trial number, so that processes sampling
+    one after another never repeat each other, and one process alone is reproducible. QMC
+    and grid keep one seed: their sequence is shared through the study."""
+    fixed_order = spec.sampler.get("name") in ("grid", "qmc")
+    seed = spec.seed if fixed_order else sampler_seed(spec.seed, n_trials_so_far)
+    return build_sampler(spec, seed=seed)
+
+
+def claim_trial(opened: OpenStudy) -> Claim:
+    """Under the study lock: close trials of ended processes, and if the budget has room,
+    ask Optuna for the next trial. Signals wait until the trial says which process owns it.
+    Inside the lock no call is retried: the lock lives on a database connection, and a lost
+    connection loses it."""
+    study, storage, spec = opened.study, opened.storage, opened.spec
+    signals.check()
+    with opened.lock():
+        fail_stale_trials(opened)
+        counted = counted_trials(study)
+        if len(counted) >= opened.ref.n_trials:
+            return Claim(wait=_others_running(opened, counted))
+        trials = study.get_trials(deepcopy=False)
+        pending = None
+        if not any(t.state == TrialState.WAITING for t in trials):
+            pending = next_enqueued(trials, spec, storage.resilience.max_retry)
+            if pending is None and spec.sampler.get("name") == "grid":
+                point = _uncovered_grid_point(study, spec)
+                if point is None:
+                    return Claim(wait=_others_running(opened, counted))
+                pending = (point, {})
+        study.sampler = _seeded_sampler(spec, len(trials))
+        with signals.held():
+            if pending is not None:
+                storage.call(study.enqueue_trial, pending[0], user_attrs=pending[1],
+                             retry=False)
+            trial = storage.call(study.ask, retry=False)
+            storage.first_beat(trial_id(trial))
+            storage.call(trial.set_user_attr, Attr.HOST, socket.gethostname(), retry=False)
+            storage.call(trial.set_user_attr, Attr.PID, os.getpid(), retry=False)
+            opened.live.add(trial_id(trial))  # the trial's life lets go of it
+    opened.tracker.reopen(opened.ref.parent_run_id)  # another process may have closed it
+    return Claim(trials=(trial,))
+
+
+def claim(opened: OpenStudy, k: int) -> Claim:
+    """Up to `k` trials, claimed one by one (each under the lock, so the budget holds)."""
+    trials: list[optuna.Trial] = []
+    try:
+        while len(trials) < k:
+            got = claim_trial(opened)
+            if not got.trials:
+                return Claim(tuple(trials)) if trials else got
+            trials += got.trials
+    except BaseException:
+        for trial in trials:  # never to run: the repair fails them as this process's
+            opened.live.discard(trial_id(trial))
+        raise
+    return Claim(tuple(trials))

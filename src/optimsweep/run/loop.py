@@ -1,0 +1,40 @@
+"""This process's share of a sweep: claim trials and live them, until the budget is used up
+or the deadline passes."""
+
+from __future__ import annotations
+
+import time
+
+from optimsweep.core.train import default_fuse
+from optimsweep.records.schema import State
+from optimsweep.run.claim import claim
+from optimsweep.run.context import OpenStudy
+from optimsweep.run.life import run_trials
+from optimsweep.run.progress import Progress, say
+
+
+def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
+             progress: bool = False) -> None:
+    """Claim and run trials (`fuse` at a time) until the budget is used up or the deadline
+    (time.time()) passes. While the budget is held by trials running in other processes,
+    wait for them: one may fail and leave its place."""
+    spec = opened.spec
+    fuse = default_fuse(data.device) if spec.fuse == "auto" else spec.fuse
+    bar = Progress(opened.study, spec.name, opened.ref.n_trials) if progress else None
+    try:
+        while deadline is None or time.time() < deadline:
+            got = claim(opened, fuse)
+            if got.done:
+                break
+            if got.wait:
+                time.sleep(min(2.0, opened.storage.resilience.heartbeat_interval))
+                continue
+            for trial, outcome in zip(got.trials, run_trials(opened, got.trials, data),
+                                      strict=True):
+                if outcome.state == State.FAILED:
+                    say(f"trial {trial.number} failed: {outcome.error}")
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()

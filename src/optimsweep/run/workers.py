@@ -1,0 +1,97 @@
+"""`--workers N`: N local processes on one study, each claiming and running its own trials;
+the parent watches them, stops them on Ctrl-C or SIGTERM, and names any that failed."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from optimsweep.errors import Interrupted, StoreError, WorkersFailed, describe
+from optimsweep.records.schema import counted_trials
+from optimsweep.run.context import OpenStudy, StudyRef
+from optimsweep.run.loop import run_loop
+from optimsweep.run.progress import Progress
+from optimsweep.run.repair import repair
+from optimsweep.run.study import attach, load_sweep_data
+from optimsweep.util import signals
+from optimsweep.util.terminal import quiet
+
+log = logging.getLogger("optimsweep")
+WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after SIGTERM
+
+
+def run_worker(ref: StudyRef, deadline: float | None, n_workers: int,
+               debug: bool = False) -> None:
+    """A worker process: its share of the cores, quiet logs, and an exit code that says how
+    it ended (0 done, 128+signal interrupted, 3 a store failed)."""
+    signals.stop_on_signals(once=True)
+    quiet(debug)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    try:
+        run_loop(attach(ref), load_sweep_data(ref.spec), deadline=deadline)
+    except Interrupted as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001  (the parent names this worker; --debug shows why)
+        if debug:
+            raise
+        print(f"error: {describe(exc) if not isinstance(exc, StoreError) else exc}",
+              file=sys.stderr)
+        sys.exit(3)
+
+
+def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
+                progress: bool) -> None:
+    mp = multiprocessing.get_context("spawn")
+    debug = log.isEnabledFor(logging.DEBUG)
+    processes = [mp.Process(target=run_worker, args=(opened.ref, deadline, workers, debug))
+                 for _ in range(workers)]
+    for p in processes:
+        p.start()
+    try:
+        bar = Progress(opened.study, opened.spec.name, opened.ref.n_trials) if progress \
+            else None
+        # is_alive() reaps a dead worker: ask every one, so none stays a zombie whose pid
+        # still looks alive to the others' stale-trial check.
+        while any([p.is_alive() for p in processes]):
+            time.sleep(0.5)
+            signals.check()
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+    finally:  # Ctrl-C or SIGTERM here: every worker closes its own trial, or is killed
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+        for p in processes:
+            p.join(WORKER_STOP_SECONDS)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    problems = []
+    for i, p in enumerate(processes):
+        if p.exitcode == 0:
+            continue
+        if p.exitcode < 0:
+            how = f"was killed by {signal.Signals(-p.exitcode).name}"
+        elif p.exitcode > 128:
+            how = f"was stopped by {signal.Signals(p.exitcode - 128).name}"
+        else:
+            how = f"failed (exit code {p.exitcode}, its error is above)"
+        problems.append(f"worker {i} (pid {p.pid}) {how}")
+    if not problems:
+        return
+    repair(opened)  # the trials of the ended workers: failed, not counted
+    left = opened.ref.n_trials - len(counted_trials(opened.study))
+    if left <= 0 or (deadline is not None and time.time() >= deadline):
+        log.warning("; ".join(problems) + "; its trial was marked failed (interrupted) and "
+                    "the other workers finished the sweep")
+        return
+    raise WorkersFailed("; ".join(problems) + f"; {left} trials of the budget remain: run "
+                        "the same command again to finish them")
