@@ -185,7 +185,8 @@ def _run_groups(study: optuna.Study, trials: list[optuna.Trial], ctx: StudyConte
     members = [_Member(t) for t in trials]
     for member in members:  # recorded in Optuna now; on the run once it exists
         try:
-            member.config = suggest_config(member.trial, ctx.spec)
+            member.config = suggest_config(member.trial, ctx.spec.search_space,
+                                           ctx.spec.base_config())
         except StoreError:
             raise  # nothing runs yet: the next claim fails these trials as stale
         except Exception as exc:  # noqa: BLE001  (this trial's failure, given its run below)

@@ -40,8 +40,9 @@ from optimsweep.records.tracking import (
 )
 from optimsweep.report import counted_trials, log_summary
 from optimsweep.run.life import LIVE, reconcile
+from optimsweep.sweep.check import load_spec, parse_spec
 from optimsweep.sweep.samplers import build_pruner, build_sampler, grid_space, sampler_seed
-from optimsweep.sweep.spec import NAME_PATTERN, Spec, SpecError, load_spec, parse_spec
+from optimsweep.sweep.spec import NAME_PATTERN, Spec, SpecError
 from optimsweep.util.signals import Interrupted, stop_on_signals
 from optimsweep.util.signals import check as check_signals
 from optimsweep.util.signals import held as held_signals
@@ -140,7 +141,7 @@ def _uncovered_grid_point(study: optuna.Study, spec: Spec) -> dict | None:
     The claim hands grid points out itself: Optuna's grid sampler numbers its points by
     trial number, so a baseline or a retry would make it skip one."""
     covered = [_given(t) for t in counted_trials(study)]
-    grid = grid_space(spec)
+    grid = grid_space(spec.search_space)
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values, strict=True))
         if not any(params and all(point[k] == v for k, v in params.items() if k in point)
@@ -284,7 +285,8 @@ def claim_trial(study: optuna.Study, ctx: StudyContext, tracker: Tracker):
         # its sequence is shared through the study.
         fixed_order = spec.sampler.get("name") in ("grid", "qmc")
         seed = spec.seed if fixed_order else sampler_seed(spec.seed, len(trials))
-        study.sampler = build_sampler(spec, seed=seed)
+        study.sampler = build_sampler(spec.sampler, seed=seed,
+                                      grid=grid_space(spec.search_space) if grid else None)
         with held_signals():
             if pending is not None:
                 storage_call(study.enqueue_trial, pending[0], user_attrs=pending[1],
@@ -350,7 +352,7 @@ def run_trials(ctx: StudyContext, *, deadline: float | None = None,
     storage = open_storage(ctx.storage_url)
     tracker = Tracker(ctx.tracking_uri)
     study = optuna.load_study(study_name=spec.name, storage=storage,
-                              pruner=build_pruner(spec))
+                              pruner=build_pruner(spec.pruner, epochs=spec.budget.epochs))
     study.stop = lambda: None  # a grid sampler stops studies; here the budget does
     bar = _progress(study, ctx) if progress else None
     try:
