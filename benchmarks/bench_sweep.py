@@ -33,8 +33,8 @@ import yaml
 
 from optimsweep.core.data import Dataset, load_fashion_mnist, prepare_fashion_mnist
 from optimsweep.core.train import TrainConfig, default_fuse, fit, fit_group, resolve_precision
+from optimsweep.sweep.check import load_spec
 from optimsweep.sweep.space import suggest_config
-from optimsweep.sweep.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = ROOT / "sweeps" / "fashion_mnist.yaml"
@@ -66,7 +66,7 @@ def study_configs(n: int, batch_size: int, device: str) -> list[TrainConfig]:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     configs = []
     while len(configs) < n:
-        config = suggest_config(study.ask(), spec)
+        config = suggest_config(study.ask(), spec.search_space, spec.base_config())
         config.batch_size, config.epochs, config.device = batch_size, 1, device
         configs.append(config)
     return configs

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from optimsweep.sweep.spec import load_spec
+from optimsweep.sweep.check import load_spec
 
 
 def line_sweep(tmp_path: Path, name: str = "line", **overrides) -> Path:

@@ -5,6 +5,7 @@ shown."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import yaml
 
 from optimsweep import services
 from optimsweep.records.tracking import Tracker
-from optimsweep.sweep.spec import load_spec
+from optimsweep.sweep.check import load_spec
 from records import assert_invariant, finish, load_study, mlflow_runs, running_trial, wait_until
 
 TrialState = optuna.trial.TrialState
@@ -55,10 +56,8 @@ class Workers:
         self.outputs: list[str] = []
 
     def spec(self, sweep: Path):
-        spec = load_spec(sweep)
-        spec.storage = self.env["OPTIMSWEEP_STORAGE"]
-        spec.tracking_uri = self.env["MLFLOW_TRACKING_URI"]
-        return spec
+        return dataclasses.replace(load_spec(sweep), storage=self.env["OPTIMSWEEP_STORAGE"],
+                                   tracking_uri=self.env["MLFLOW_TRACKING_URI"])
 
     def start(self, folder: str, *args, host: str | None = None) -> subprocess.Popen:
         cwd = self.tmp_path / folder

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from optimsweep.cli import main
+from optimsweep.sweep.check import load_spec, parse_spec
 from optimsweep.sweep.space import suggest_config
-from optimsweep.sweep.spec import SpecError, load_spec, parse_spec
+from optimsweep.sweep.spec import SpecError
 from sweeps import line_sweep
 
 SHIPPED = sorted(Path(__file__).parent.parent.joinpath("sweeps").glob("*.yaml"))
@@ -43,7 +44,8 @@ def test_a_plain_value_fixes_a_parameter():
 
 
 def _sampled(spec, **params):
-    return suggest_config(optuna.trial.FixedTrial(params), spec).active_params()
+    return suggest_config(optuna.trial.FixedTrial(params), spec.search_space,
+                          spec.base_config()).active_params()
 
 
 def test_conditional_params_are_sampled_only_when_they_apply():
@@ -55,11 +57,11 @@ def test_conditional_params_are_sampled_only_when_they_apply():
         "step_size": {"type": "int", "low": 1, "high": 5},
     }}))
     trial = optuna.trial.FixedTrial({"optimizer": "sgd", "scheduler": "none"})
-    config = suggest_config(trial, spec)
+    config = suggest_config(trial, spec.search_space, spec.base_config())
     assert config.optimizer == "sgd" and set(trial.params) == {"optimizer", "scheduler"}
     trial = optuna.trial.FixedTrial({"optimizer": "momentum", "momentum": 0.7,
                                      "scheduler": "step", "step_size": 3})
-    suggest_config(trial, spec)
+    suggest_config(trial, spec.search_space, spec.base_config())
     assert set(trial.params) == {"optimizer", "momentum", "scheduler", "step_size"}
 
 
@@ -69,7 +71,8 @@ def test_explicit_when_narrows_a_parameter_further():
         "lr": {"type": "float", "low": 0.01, "high": 0.1, "when": {"batch_size": 256}},
     }}))
     trial = optuna.trial.FixedTrial({"batch_size": 64})
-    assert suggest_config(trial, spec).lr == 1e-3 and "lr" not in trial.params
+    config = suggest_config(trial, spec.search_space, spec.base_config())
+    assert config.lr == 1e-3 and "lr" not in trial.params
 
 
 BAD = {
@@ -194,7 +197,8 @@ def test_a_parameter_listed_before_the_one_it_depends_on_is_still_sampled():
     }}, sort_keys=False))
     params = {"optimizer": "adam", "scheduler": "step", "step_size": 2}
     trial = optuna.trial.FixedTrial(params)
-    assert suggest_config(trial, spec).step_size == 2 and trial.params == params
+    config = suggest_config(trial, spec.search_space, spec.base_config())
+    assert config.step_size == 2 and trial.params == params
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from optimsweep.cli import main
 from optimsweep.core.train import LOSSES, TrainConfig, fit, load_data
 from optimsweep.run.study import open_existing
-from optimsweep.sweep.spec import load_spec
+from optimsweep.sweep.check import load_spec
 
 DATA = '''
 import torch

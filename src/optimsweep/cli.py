@@ -101,7 +101,7 @@ def _print_table(table) -> None:
 def cmd_sweep(args) -> int:
     from optimsweep.report import summary_line, trials_table
     from optimsweep.run.runner import run_sweep
-    from optimsweep.sweep.spec import load_spec
+    from optimsweep.sweep.check import load_spec
 
     spec = load_spec(args.file)
     study = run_sweep(spec, n_trials=args.n_trials, timeout=args.timeout, workers=args.workers,

@@ -48,11 +48,12 @@ def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> 
     if not top:
         raise SpecError(f"study {spec.name!r} has no complete trial to confirm")
     fresh = [spec.seed + 1 + i for i in range(seeds)]  # never the seed the sweep used
-    data = load_data(config_from_params(spec, top[0].params))  # the split all trials share
+    # The split all trials share.
+    data = load_data(config_from_params(spec.base_config(), top[0].params))
     results = []
     for trial in top:
         confirmation = Confirmation(trial.number, trial.params, fresh, [], [])
-        trained = config_from_params(spec, trial.params)
+        trained = config_from_params(spec.base_config(), trial.params)
         for seed in fresh:
             config = dataclasses.replace(trained, seed=seed)
             outcome = run_confirmation(opened, trial.number, config, trial.params, data)

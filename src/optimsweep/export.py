@@ -65,7 +65,7 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
         raise SpecError(f"{folder}: holds other files ({', '.join(others[:5]) or folder.name}); "
                         "export replaces the whole folder, so give --out an empty or new "
                         "folder, or an earlier export")
-    config = config_from_params(spec, trial.params)
+    config = config_from_params(spec.base_config(), trial.params)
     run_id = trial.user_attrs[Attr.RUN_ID]
     run = tracker.run(run_id)
     if run is None:

@@ -35,6 +35,7 @@ from optimsweep.core.models import MODELS, MODELS_BY_TASK, build_model
 from optimsweep.core.stack import ModelStack
 from optimsweep.core.usercode import is_import_string, resolve
 from optimsweep.errors import ConfigError, DivergedError
+from optimsweep.util import values
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
@@ -218,8 +219,8 @@ def _require(name: str, value, ok: bool, allowed: str) -> None:
 
 
 def _coerce(name: str, value, type_name: str):
-    """Accept what YAML and the command line hand us: '1e-4' is a float (YAML 1.1 reads it
-    as a string), 64.0 is an int; anything else of the wrong type is an error."""
+    """Accept what YAML and the command line hand us (util/values.py's rules): '1e-4' is a
+    float, 64.0 is an int; anything else of the wrong type is an error."""
     optional = "None" in type_name
     if value is None:
         if optional:
@@ -229,39 +230,21 @@ def _coerce(name: str, value, type_name: str):
     try:
         if base == "dict":
             if not isinstance(value, dict):
-                raise TypeError
+                raise values.Unfit
             return dict(value)
         if base == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise TypeError
-        if base == "int":
-            if isinstance(value, bool):
-                raise TypeError
-            number = float(value) if isinstance(value, str) else value
-            if isinstance(number, float) and not number.is_integer():
-                raise TypeError
-            return int(number)
-        if base == "float":
-            if isinstance(value, bool):
-                raise TypeError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ArithmeticError
-            return number
+            return values.truth(value)
+        if base in ("int", "float"):
+            return values.number(value, int if base == "int" else float)
         if not isinstance(value, str):
-            raise TypeError
+            raise values.Unfit
         return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: {value!r} is not {_TYPE_WORDS[base]}") from None
-    except ArithmeticError:
-        raise ConfigError(f"{name}: {value!r} is not a finite number") from None
+    except values.Unfit as exc:
+        what = str(exc) if base == "float" else f"not {_TYPE_WORDS[base]}"  # or not finite
+        raise ConfigError(f"{name}: {value!r} is {what}") from None
 
 
-_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number",
-               "str": "a name", "dict": "a mapping of keyword arguments"}
+_TYPE_WORDS = {**values.WORDS, "str": "a name", "dict": "a mapping of keyword arguments"}
 CONFIG_DEFAULTS = dataclasses.asdict(TrainConfig())
 
 

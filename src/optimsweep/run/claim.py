@@ -66,7 +66,7 @@ def _uncovered_grid_point(study: optuna.Study, spec: Spec) -> dict | None:
     The claim hands grid points out itself: Optuna's grid sampler numbers its points by
     trial number, so a baseline or a retry would make it skip one."""
     covered = [_given(t) for t in counted_trials(study)]
-    grid = grid_space(spec)
+    grid = grid_space(spec.search_space)
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values, strict=True))
         if not any(params and all(point[k] == v for k, v in params.items() if k in point)
@@ -88,9 +88,10 @@ def _seeded_sampler(spec: Spec, n_trials_so_far: int) -> optuna.samplers.BaseSam
     """The sampler for the next trial: seeded by trial number, so that processes sampling
     one after another never repeat each other, and one process alone is reproducible. QMC
     and grid keep one seed: their sequence is shared through the study."""
-    fixed_order = spec.sampler.get("name") in ("grid", "qmc")
-    seed = spec.seed if fixed_order else sampler_seed(spec.seed, n_trials_so_far)
-    return build_sampler(spec, seed=seed)
+    name = spec.sampler.get("name")
+    seed = spec.seed if name in ("grid", "qmc") else sampler_seed(spec.seed, n_trials_so_far)
+    return build_sampler(spec.sampler, seed=seed,
+                         grid=grid_space(spec.search_space) if name == "grid" else None)
 
 
 def claim_trial(opened: OpenStudy) -> Claim:

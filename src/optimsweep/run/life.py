@@ -124,7 +124,8 @@ def run_trials(opened: OpenStudy, trials: tuple[optuna.Trial, ...], data) -> lis
         members = [_Member(t) for t in trials]
         for member in members:  # recorded in Optuna now; on the run once it exists
             try:
-                member.config = suggest_config(member.trial, opened.spec)
+                member.config = suggest_config(member.trial, opened.spec.search_space,
+                                               opened.spec.base_config())
             except StoreError:
                 raise  # nothing runs yet: the next claim fails these trials as stale
             except Exception as exc:  # noqa: BLE001  (this trial's failure, given its run)

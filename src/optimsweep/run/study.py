@@ -22,8 +22,9 @@ from optimsweep.records.tracking import Tracker, resolve_tracking_uri
 from optimsweep.report import log_summary
 from optimsweep.run.context import OpenStudy, StudyRef
 from optimsweep.run.repair import reconcile, repair
+from optimsweep.sweep.check import load_spec, parse_spec
 from optimsweep.sweep.samplers import build_pruner
-from optimsweep.sweep.spec import NAME_PATTERN, Spec, load_spec, parse_spec
+from optimsweep.sweep.spec import NAME_PATTERN, Spec
 from optimsweep.util.urls import redact, redact_text
 
 log = logging.getLogger("optimsweep")
@@ -65,7 +66,7 @@ def _open_tracking(study: optuna.Study | None, spec: Spec) -> Tracker:
 def _load(storage: StudyStorage, spec: Spec) -> optuna.Study:
     """The study with the sweep file's pruner. The sampler is set per claim (claim.py)."""
     study = optuna.load_study(study_name=spec.name, storage=storage.optuna,
-                              pruner=build_pruner(spec))
+                              pruner=build_pruner(spec.pruner, epochs=spec.budget.epochs))
     return never_stops(study)
 
 

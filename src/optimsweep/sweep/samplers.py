@@ -1,22 +1,21 @@
 """Optuna samplers and pruners by name, built from a sweep file's options.
 
 The spec validates its `sampler:` and `pruner:` sections with the same tables and functions
-that build them, so what loads is what runs.
+that build them, so what loads is what runs. Everything here takes plain options and the
+search space, not a Spec.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 import zlib
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-if TYPE_CHECKING:
-    from optimsweep.sweep.spec import Spec
+from optimsweep.util import values
 
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
@@ -49,26 +48,16 @@ def allowed_options(cls) -> dict[str, str]:
                                                           inspect.Parameter.VAR_KEYWORD)}
 
 
-_TYPE_CHECKS = {
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)
-              and math.isfinite(v)),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "None": ("null", lambda v: v is None),
-    "dict": ("a mapping", lambda v: isinstance(v, dict)),
-}
-
-
 def option_type_problem(value, annotation: str) -> str | None:
     """What is wrong with `value` for an option annotated `annotation`, or None. Types we
-    can't check from YAML are left to the dry run in spec.py."""
+    can't check from YAML are left to the dry run in check.py. Options are passed on as
+    written, so a value must already be of its type (no reading of strings)."""
     kinds = [part.strip().split("[")[0] for part in annotation.split("|")]
-    if not all(kind in _TYPE_CHECKS for kind in kinds):
+    if not all(kind in values.KINDS for kind in kinds):
         return None
-    if any(_TYPE_CHECKS[kind][1](value) for kind in kinds):
+    if any(values.is_a(value, kind) for kind in kinds):
         return None
-    return f"{value!r} is not {' or '.join(_TYPE_CHECKS[kind][0] for kind in kinds)}"
+    return f"{value!r} is not {' or '.join(values.WORDS[kind] for kind in kinds)}"
 
 
 def sampler_seed(base: int, *salt: int | str) -> int:
@@ -76,9 +65,10 @@ def sampler_seed(base: int, *salt: int | str) -> int:
     return zlib.crc32(repr((base, *salt)).encode()) % SEED_RANGE
 
 
-def grid_space(spec: Spec) -> dict[str, list]:
+def grid_space(search_space: Mapping) -> dict[str, list]:
+    """{name: its grid points} of a search space ({name: Param}), in the space's order."""
     grid = {}
-    for name, param in spec.search_space.items():
+    for name, param in search_space.items():
         dist = param.distribution
         if isinstance(dist, CategoricalDistribution):
             grid[name] = list(dist.choices)
@@ -93,11 +83,16 @@ def grid_space(spec: Spec) -> dict[str, list]:
     return grid
 
 
-def build_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    options = {k: v for k, v in spec.sampler.items() if k != "name"}
-    name = spec.sampler.get("name", "tpe")
+def build_sampler(options: dict, *, seed: int | None,
+                  grid: dict[str, list] | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler a `sampler:` section names; the grid sampler also needs `grid`
+    (grid_space of the search space)."""
+    name = options.get("name", "tpe")
+    options = {k: v for k, v in options.items() if k != "name"}
     if name == "grid":
-        return SAMPLERS[name](grid_space(spec), seed=seed, **options)
+        if grid is None:
+            raise ValueError("the grid sampler needs the grid (grid_space of the search space)")
+        return SAMPLERS[name](grid, seed=seed, **options)
     if name == "tpe":
         # Conditional spaces: multivariate TPE with groups models each branch on its own.
         options.setdefault("multivariate", True)
@@ -110,11 +105,13 @@ def build_sampler(spec: Spec, seed: int | None = None) -> optuna.samplers.BaseSa
         return SAMPLERS[name](seed=seed, **options)
 
 
-def build_pruner(spec: Spec) -> optuna.pruners.BasePruner:
-    options = {k: v for k, v in spec.pruner.items() if k != "name"}
-    name = spec.pruner.get("name", "median")
+def build_pruner(options: dict, *, epochs: int) -> optuna.pruners.BasePruner:
+    """The pruner a `pruner:` section names; `epochs` (the budget's) is hyperband's
+    resource unless the section gives one."""
+    name = options.get("name", "median")
+    options = {k: v for k, v in options.items() if k != "name"}
     if name == "hyperband":
-        options.setdefault("max_resource", spec.budget.epochs)
+        options.setdefault("max_resource", epochs)
     if name == "percentile":
         options.setdefault("percentile", 50.0)
     return PRUNERS[name](**options)

@@ -1,7 +1,9 @@
-"""Sweep files: read with yaml.safe_load, validated completely before anything runs.
+"""Sweep files: read with yaml.safe_load and parsed into a frozen Spec.
 
-Every error names the file, the key and what is allowed, and is raised before a study, a
-trial or an MLflow run exists.
+Parsing checks every key and value (training values with the core's own rules); every error
+names the file, the key and what is allowed. The checks that import the user's code or run
+Optuna are check.py's, which callers go through (check.load_spec); this module imports
+neither check.py nor the code that samples a space.
 """
 
 from __future__ import annotations
@@ -9,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,23 +25,17 @@ from optimsweep.core.train import (
     CONDITIONS,
     CONFIG_DEFAULTS,
     LOSSES,
-    TASK_LOSS,
     ConfigError,
     TrainConfig,
     metric_name,
 )
-from optimsweep.core.usercode import UserCodeError, check_arguments, is_import_string, resolve
+from optimsweep.core.usercode import is_import_string
 from optimsweep.errors import SpecError
+from optimsweep.records.optuna_adapter import contains
 from optimsweep.records.storage import Resilience
-from optimsweep.sweep.samplers import (
-    PRUNERS,
-    SAMPLERS,
-    allowed_options,
-    build_pruner,
-    build_sampler,
-    grid_space,
-    option_type_problem,
-)
+from optimsweep.sweep.samplers import PRUNERS, SAMPLERS, allowed_options, option_type_problem
+from optimsweep.util import values
+from optimsweep.util.urls import redact
 
 TOP_LEVEL_KEYS = ("name", "description", "task", "model", "loss", "metric", "direction",
                   "seed",
@@ -71,8 +65,7 @@ NOT_SEARCHABLE = ("task", "model", "epochs", "device", "val_size", "split_seed",
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-
-@dataclass
+@dataclass(frozen=True)
 class Param:
     """One searched parameter: an Optuna distribution, plus `when` (what it depends on)."""
 
@@ -81,51 +74,49 @@ class Param:
     when: dict[str, tuple] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Budget:
     n_trials: int = 20
     epochs: int = 10
     timeout: float | None = None  # seconds for one `sweep` invocation
 
 
-@dataclass
+@dataclass(frozen=True)
 class Spec:
+    """A parsed sweep file. Built once by `parse`; check.py's load_spec also checks it."""
+
     name: str
     path: Path
     text: str  # the file as written, logged with every study
-    task: str = "fashion_mnist"
-    model: str = "mlp"
-    description: str = ""
-    metric: str = "val_accuracy"
-    direction: str = "maximize"
-    seed: int = 0
-    sampler: dict = field(default_factory=lambda: {"name": "tpe"})
-    pruner: dict = field(default_factory=lambda: {"name": "median"})
-    budget: Budget = field(default_factory=Budget)
-    storage: str | None = None
-    tracking_uri: str | None = None
-    resilience: Resilience = field(default_factory=Resilience)
-    fuse: int | str = "auto"  # trials trained at once as one model; auto: train.default_fuse
-    model_kwargs: dict = field(default_factory=dict)  # the model factory's fixed arguments
-    data_kwargs: dict = field(default_factory=dict)  # the data factory's arguments
-    loss: str | None = None  # None: the built-in task's own
-    metric_ref: str | None = None  # the user's metric function, when `metric` names one
-    code_dir: str | None = None  # the sweep file's folder, when it names user code
-    data: dict = field(default_factory=dict)
-    fixed: dict = field(default_factory=dict)
-    search_space: dict[str, Param] = field(default_factory=dict)
-    baseline: list[dict] = field(default_factory=list)
+    task: str  # a built-in task, or the data factory's import string
+    model: str  # a built-in model, or the model factory's import string
+    description: str
+    metric: str
+    direction: str
+    seed: int
+    sampler: dict
+    pruner: dict
+    budget: Budget
+    storage: str | None
+    tracking_uri: str | None
+    resilience: Resilience
+    fuse: int | str  # trials trained at once as one model; auto: train.default_fuse
+    model_kwargs: dict  # the model factory's fixed arguments
+    data_kwargs: dict  # the data factory's arguments
+    loss: str | None  # None: the built-in task's own
+    metric_ref: str | None  # the user's metric function, when `metric` names one
+    code_dir: str | None  # the sweep file's folder, when it names user code
+    data: dict
+    fixed: dict
+    search_space: dict[str, Param]  # parents first: a `when` names parameters before it
+    baseline: list[dict]
+    base: dict  # base_config(), computed once by the parser
+    model_key: str = "model"  # the key that names the model factory: model or model.factory
 
     def base_config(self) -> dict:
         """Training values every trial shares: task, model (and their factories' arguments),
-        loss, data split, epochs, fixed."""
-        optional = {"loss": self.loss, "metric": self.metric_ref, "code_dir": self.code_dir}
-        return {"task": self.task, "model": self.model, "epochs": self.budget.epochs,
-                "seed": self.seed,
-                **{f"{MODEL_PARAM}{k}": v for k, v in self.model_kwargs.items()},
-                **{f"data.{k}": v for k, v in self.data_kwargs.items()},
-                **{k: v for k, v in optional.items() if v is not None},
-                **self.data, **self.fixed}
+        loss, data split, epochs, fixed. A fresh dict each call."""
+        return dict(self.base)
 
     def fingerprint(self) -> str:
         """What makes trials comparable (factories and their arguments included); budget
@@ -133,7 +124,7 @@ class Spec:
         space = {k: [optuna.distributions.distribution_to_json(p.distribution),
                      {c: list(v) for c, v in p.when.items()}]
                  for k, p in self.search_space.items()}
-        base = {k: v for k, v in self.base_config().items() if k not in NOT_FINGERPRINTED}
+        base = {k: v for k, v in self.base.items() if k not in NOT_FINGERPRINTED}
         blob = json.dumps([base, space, self.metric, self.direction],
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -158,19 +149,10 @@ def _mapping(path: Path, key: str, value, allowed: tuple | None = None) -> dict:
 
 def _number(path: Path, key: str, value, kind: type = float):
     """YAML 1.1 reads `1e-4` as a string: accept it as the number it means."""
-    if isinstance(value, bool):
-        raise _fail(path, key, f"{value!r} is not a number")
     try:
-        number = float(value) if isinstance(value, str) else value
-    except ValueError:
-        raise _fail(path, key, f"{value!r} is not a number") from None
-    if not isinstance(number, int | float) or not math.isfinite(number):
-        raise _fail(path, key, f"{value!r} is not a finite number")
-    if kind is int:
-        if float(number) != int(number):
-            raise _fail(path, key, f"{value!r} is not an integer")
-        return int(number)
-    return float(number)
+        return values.number(value, kind)
+    except values.Unfit as exc:
+        raise _fail(path, key, f"{value!r} is {exc}") from None
 
 
 def _check_train_value(path: Path, key: str, name: str, value, base: dict) -> Any:
@@ -238,14 +220,10 @@ def _parse_param(path: Path, name: str, raw, base: dict) -> Param | Any:
     return Param(name, dist, when=_parse_when(path, key, raw.get("when")))
 
 
-def _check_store_urls(path: Path, spec: Spec) -> None:
-    from optimsweep.util.urls import redact
-
-    if spec.storage and "://" in spec.storage and \
-            spec.storage.split("://")[0] not in STORAGE_SCHEMES:
-        raise _fail(path, "storage", f"{redact(spec.storage)} is not allowed; give a journal "
+def _check_store_urls(path: Path, storage: str | None, uri: str | None) -> None:
+    if storage and "://" in storage and storage.split("://")[0] not in STORAGE_SCHEMES:
+        raise _fail(path, "storage", f"{redact(storage)} is not allowed; give a journal "
                     "file path, sqlite:///FILE (one process) or postgresql://USER@HOST/DB")
-    uri = spec.tracking_uri
     if uri and ("://" not in uri or uri.split("://")[0] not in TRACKING_SCHEMES):
         raise _fail(path, "tracking_uri", f"{redact(uri)} is not allowed (MLflow 3 has no "
                     "plain file store); give sqlite:///FILE, http(s)://HOST:PORT (an MLflow "
@@ -254,7 +232,7 @@ def _check_store_urls(path: Path, spec: Spec) -> None:
 
 def _parse_resilience(path: Path, raw: dict) -> Resilience:
     beat = _mapping(path, "heartbeat", raw.get("heartbeat"), HEARTBEAT_KEYS)
-    out = Resilience()
+    given = {}
     for key, attr in (("interval", "heartbeat_interval"), ("grace_period", "grace_period"),
                       ("max_retry", "max_retry")):
         if key in beat:
@@ -262,14 +240,16 @@ def _parse_resilience(path: Path, raw: dict) -> Resilience:
             if value < (0 if key == "max_retry" else 1):
                 raise _fail(path, f"heartbeat.{key}",
                             f"{value} must be >= {0 if key == 'max_retry' else 1}")
-            setattr(out, attr, value)
+            given[attr] = value
+    out = Resilience(**given)
     if out.grace_period <= out.heartbeat_interval:
         raise _fail(path, "heartbeat.grace_period", f"{out.grace_period} must be longer than "
                     f"the interval ({out.heartbeat_interval} s), else a live trial looks dead")
     if raw.get("store_timeout") is not None:
-        out.store_timeout = _number(path, "store_timeout", raw["store_timeout"])
-        if out.store_timeout <= 0:
-            raise _fail(path, "store_timeout", f"{out.store_timeout} must be > 0 (seconds)")
+        timeout = _number(path, "store_timeout", raw["store_timeout"])
+        if timeout <= 0:
+            raise _fail(path, "store_timeout", f"{timeout} must be > 0 (seconds)")
+        out = dataclasses.replace(out, store_timeout=timeout)
     return out
 
 
@@ -302,7 +282,7 @@ def _options(path: Path, key: str, raw, registry: dict, default: str) -> dict:
 
 def _check_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
     for name, param in space.items():
-        for parent, values in param.when.items():
+        for parent, wanted in param.when.items():
             key = f"search_space.{name}.when.{parent}"
             if parent in fixed:
                 possible = (fixed[parent],)
@@ -314,32 +294,38 @@ def _check_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
             else:
                 raise _fail(path, key, "must name a categorical search_space parameter or a "
                             "fixed value")
-            for v in values:
+            for v in wanted:
                 if v not in possible:
                     raise _fail(path, key, f"{v!r} is not a possible value; possible: "
                                 f"{', '.join(map(str, possible))}")
 
 
-def _add_implied_conditions(path: Path, space: dict[str, Param], fixed: dict) -> None:
+def _add_implied_conditions(path: Path, space: dict[str, Param],
+                            fixed: dict) -> dict[str, Param]:
     """momentum only for momentum SGD, betas only for Adam and AdamW, ...: the core's own
     CONDITIONS, narrowed to the parent's possible values (so a study's fingerprint does not
-    change when the core learns a new optimizer)."""
+    change when the core learns a new optimizer). Returns the space with them added."""
+    out = {}
     for name, param in space.items():
+        out[name] = param
         if name not in CONDITIONS:
             continue
-        parent, values = CONDITIONS[name]
+        parent, allowed = CONDITIONS[name]
         if parent in space:
             possible = space[parent].distribution.choices
         else:
             possible = (fixed.get(parent, CONFIG_DEFAULTS[parent]),)
-        param.when.setdefault(parent, tuple(v for v in values if v in possible) or values)
-        if not set(param.when[parent]) & set(possible):
+        when = {**param.when}
+        when.setdefault(parent, tuple(v for v in allowed if v in possible) or allowed)
+        if not set(when[parent]) & set(possible):
             raise _fail(path, f"search_space.{name}", f"never applies: it is used only when "
-                        f"{parent} is {' or '.join(values)}, and {parent} can only be "
+                        f"{parent} is {' or '.join(allowed)}, and {parent} can only be "
                         f"{', '.join(map(str, possible))}")
+        out[name] = dataclasses.replace(param, when=when)
+    return out
 
 
-def _check_baseline(path: Path, raw, spec: Spec) -> list[dict]:
+def _parse_baseline(path: Path, raw, space: dict[str, Param], base: dict) -> list[dict]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -347,20 +333,38 @@ def _check_baseline(path: Path, raw, spec: Spec) -> list[dict]:
     out = []
     for i, entry in enumerate(raw):
         key = f"baseline[{i}]"
-        entry = dict(_mapping(path, key, entry, tuple(spec.search_space)))
-        values = {**spec.base_config(), **entry}
+        entry = dict(_mapping(path, key, entry, tuple(space)))
+        given = {**base, **entry}
         for name, value in entry.items():
-            values[name] = _check_train_value(path, f"{key}.{name}", name, value, values)
-            dist = spec.search_space[name].distribution
-            if not dist._contains(dist.to_internal_repr(values[name])):
-                raise _fail(path, f"{key}.{name}", f"{values[name]!r} lies outside the "
+            given[name] = _check_train_value(path, f"{key}.{name}", name, value, given)
+            dist = space[name].distribution
+            if not contains(dist, given[name]):
+                raise _fail(path, f"{key}.{name}", f"{given[name]!r} lies outside the "
                             f"search space ({optuna.distributions.distribution_to_json(dist)})")
-            entry[name] = values[name]
+            entry[name] = given[name]
         out.append(entry)
     return out
 
 
-def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
+def read(path: Path | str) -> str:
+    """The text of a sweep file, or a SpecError saying why it can't be read as one."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such sweep file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: can't be read: {exc.strerror}") from None
+    if "\x00" in text:
+        raise SpecError(f"{path}: not a text file (UTF-8 YAML expected)")
+    return text
+
+
+def parse(text: str, path: Path | str = "<sweep>") -> Spec:
+    """A sweep file's text -> its Spec, every key and value checked; the user's code is
+    not imported here (check.py does that, and runs the sampler)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(text)
@@ -377,7 +381,7 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
                     "its MLflow experiment and its folder under exports/)")
     code = _parse_code(path, raw)
     task, model, loss = code["task"], code["model"], code["loss"]
-    kind = LOSSES[loss or TASK_LOSS[task]][1]
+    kind = LOSSES[code["loss_used"]][1]
     metric = raw.get("metric", "val_accuracy" if kind is not None else "val_loss")
     metric_ref = None
     if is_import_string(metric):
@@ -393,71 +397,84 @@ def parse_spec(text: str, path: Path | str = "<sweep>") -> Spec:
     if direction not in DIRECTIONS:
         raise _fail(path, "direction", f"{direction!r} is not allowed; choose one of: "
                     f"{', '.join(DIRECTIONS)}")
+    budget = _parse_budget(path, raw)
 
-    budget_raw = _mapping(path, "budget", raw.get("budget"), BUDGET_KEYS)
-    budget = Budget()
-    if "n_trials" in budget_raw:
-        budget.n_trials = _number(path, "budget.n_trials", budget_raw["n_trials"], int)
-    if "epochs" in budget_raw:
-        budget.epochs = _number(path, "budget.epochs", budget_raw["epochs"], int)
-    if budget_raw.get("timeout") is not None:
-        budget.timeout = _number(path, "budget.timeout", budget_raw["timeout"])
-    for key, value in (("n_trials", budget.n_trials), ("epochs", budget.epochs),
-                       ("timeout", budget.timeout)):
-        if value is not None and value <= 0:
-            raise _fail(path, f"budget.{key}", f"{value} must be > 0")
-
-    spec = Spec(name=name.strip(), path=path, text=text, task=task, model=model,
-                description=str(raw.get("description", "")), metric=metric,
-                direction=direction, budget=budget, model_kwargs=code["model_kwargs"],
-                data_kwargs=code["data_kwargs"], loss=loss, metric_ref=metric_ref,
-                code_dir=code["code_dir"])
-    spec.seed = _check_train_value(path, "seed", "seed", raw.get("seed", 0),
-                                   spec.base_config())
+    # The training values every trial shares, in base_config()'s order; each part is
+    # checked with the core's rules against the parts before it.
+    optional = {"loss": loss, "metric": metric_ref, "code_dir": code["code_dir"]}
+    base = {"task": task, "model": model, "epochs": budget.epochs, "seed": 0,
+            **{f"{MODEL_PARAM}{k}": v for k, v in code["model_kwargs"].items()},
+            **{f"data.{k}": v for k, v in code["data_kwargs"].items()},
+            **{k: v for k, v in optional.items() if v is not None}}
+    seed = base["seed"] = _check_train_value(path, "seed", "seed", raw.get("seed", 0), base)
+    stores = {}
     for key in ("storage", "tracking_uri"):
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
             raise _fail(path, key, "expected a URL or a path")
-        setattr(spec, key, value)
-    _check_store_urls(path, spec)
-    spec.resilience = _parse_resilience(path, raw)
-    spec.fuse = raw.get("fuse", "auto")
-    if spec.fuse != "auto" and not (isinstance(spec.fuse, int) and not isinstance(spec.fuse, bool)
-                                    and 1 <= spec.fuse <= MAX_FUSE):
-        raise _fail(path, "fuse", f"{spec.fuse!r} is not allowed; choose auto or an integer "
+        stores[key] = value
+    _check_store_urls(path, stores["storage"], stores["tracking_uri"])
+    resilience = _parse_resilience(path, raw)
+    fuse = raw.get("fuse", "auto")
+    if fuse != "auto" and not (isinstance(fuse, int) and not isinstance(fuse, bool)
+                               and 1 <= fuse <= MAX_FUSE):
+        raise _fail(path, "fuse", f"{fuse!r} is not allowed; choose auto or an integer "
                     f"in [1, {MAX_FUSE}] (trials trained at once as one model)")
-    spec.sampler = _options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
-    spec.pruner = _options(path, "pruner", raw.get("pruner"), PRUNERS, "median")
+    sampler = _options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
+    pruner = _options(path, "pruner", raw.get("pruner"), PRUNERS, "median")
 
-    data = {k: v for k, v in code["data"].items() if k in SPLIT_KEYS}
-    base = spec.base_config()
-    spec.data = {k: _check_train_value(path, f"data.{k}", k, v, base) for k, v in data.items()}
+    data = {}
+    for k, v in code["data"].items():
+        if k in SPLIT_KEYS:
+            data[k] = _check_train_value(path, f"data.{k}", k, v, base)
+    base.update(data)
 
     settable = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SEARCHABLE]
-    fixed = _settable(path, "fixed", raw.get("fixed"), settable)
-    base = spec.base_config()
-    spec.fixed = {k: _check_train_value(path, f"fixed.{k}", k, v, base) for k, v in fixed.items()}
+    fixed = {}
+    for k, v in _settable(path, "fixed", raw.get("fixed"), settable).items():
+        fixed[k] = _check_train_value(path, f"fixed.{k}", k, v, base)
+    base.update(fixed)
 
-    space_raw = _settable(path, "search_space", raw.get("search_space"), settable)
-    for name_, value in space_raw.items():
-        if name_ in spec.fixed:
+    space = {}
+    for name_, value in _settable(path, "search_space", raw.get("search_space"),
+                                  settable).items():
+        if name_ in fixed:
             raise _fail(path, f"search_space.{name_}", "also given under fixed; keep one")
-        parsed = _parse_param(path, name_, value, spec.base_config())
+        parsed = _parse_param(path, name_, value, base)
         if isinstance(parsed, Param):
-            spec.search_space[name_] = parsed
+            space[name_] = parsed
         else:
-            spec.fixed[name_] = parsed
-    if not spec.search_space:
+            fixed[name_] = base[name_] = parsed
+    if not space:
         raise _fail(path, "search_space", "nothing to search; give at least one range or "
                     "list of choices")
-    _check_model_arguments(spec)
-    _check_conditions(path, spec.search_space, spec.fixed)
-    _add_implied_conditions(path, spec.search_space, spec.fixed)
-    spec.search_space = _parents_first(spec.search_space)
-    spec.baseline = _check_baseline(path, raw.get("baseline"), spec)
-    _check_sampler_fits(spec)
-    _dry_run(spec)
-    return spec
+    _check_conditions(path, space, fixed)
+    space = _parents_first(_add_implied_conditions(path, space, fixed))
+    baseline = _parse_baseline(path, raw.get("baseline"), space, base)
+    return Spec(name=name.strip(), path=path, text=text, task=task, model=model,
+                description=str(raw.get("description", "")), metric=metric,
+                direction=direction, seed=seed, sampler=sampler, pruner=pruner, budget=budget,
+                storage=stores["storage"], tracking_uri=stores["tracking_uri"],
+                resilience=resilience, fuse=fuse, model_kwargs=code["model_kwargs"],
+                data_kwargs=code["data_kwargs"], loss=loss, metric_ref=metric_ref,
+                code_dir=code["code_dir"], data=data, fixed=fixed, search_space=space,
+                baseline=baseline, base=base, model_key=code["model_key"])
+
+
+def _parse_budget(path: Path, raw: dict) -> Budget:
+    budget_raw = _mapping(path, "budget", raw.get("budget"), BUDGET_KEYS)
+    given = {}
+    for key in ("n_trials", "epochs"):
+        if key in budget_raw:
+            given[key] = _number(path, f"budget.{key}", budget_raw[key], int)
+    if budget_raw.get("timeout") is not None:
+        given["timeout"] = _number(path, "budget.timeout", budget_raw["timeout"])
+    budget = Budget(**given)
+    for key in BUDGET_KEYS:
+        value = getattr(budget, key)
+        if value is not None and value <= 0:
+            raise _fail(path, f"budget.{key}", f"{value} must be > 0")
+    return budget
 
 
 def _settable(path: Path, key: str, raw, settable: list[str]) -> dict:
@@ -471,16 +488,35 @@ def _settable(path: Path, key: str, raw, settable: list[str]) -> dict:
     return value
 
 
-def _user_callable(path: Path, key: str, ref: str, code_dir: str | None):
-    try:
-        return resolve(ref, code_dir)
-    except UserCodeError as exc:
-        raise _fail(path, key, str(exc)) from exc
+def _not_a_task(path: Path, task) -> SpecError:
+    return _fail(path, "task", f"{task!r} is not allowed; choose one of: {', '.join(TASKS)}, "
+                 "or name your own data under data.factory")
+
+
+def _refused(path: Path, exc: ConfigError, task, model, loss) -> SpecError:
+    """The core refused the task, the model or the loss (its rules decide); the line says
+    it in the sweep file's words: your own data goes under data.factory, a model factory
+    may take arguments, and which model goes with which task."""
+    key, _, problem = str(exc).partition(": ")
+    if key == "task":
+        return _not_a_task(path, task)
+    if key == "model" and isinstance(model, str) and model in MODELS:
+        return _fail(path, key, f"{model!r} is not allowed for {task}; choose one of: "
+                     f"{', '.join(MODELS_BY_TASK[task])}")
+    if key == "model":
+        return _fail(path, key, f"{model!r} is not allowed; choose one of: "
+                     f"{', '.join(MODELS)}, or a factory: {{factory: module:callable}}")
+    if key == "loss":
+        choose = f"choose one of: {', '.join(LOSSES)}"
+        return _fail(path, key, f"required with data.factory; {choose}" if loss is None
+                     else f"{loss!r} is not allowed; {choose}")
+    return _fail(path, key, problem)
 
 
 def _parse_code(path: Path, raw: dict) -> dict:
-    """task or data.factory, model (a name, or a factory with its arguments), loss: each
-    import string resolved now, with the sweep file's folder importable."""
+    """task or data.factory, model (a name, or a factory with its arguments), loss. The
+    core judges the task, the model and the loss (TrainConfig's rules); what the user's code
+    takes is check.py's to find out."""
     data = dict(_mapping(path, "data", raw.get("data"), DATA_KEYS))
     model_raw = raw.get("model")
     if isinstance(model_raw, dict):
@@ -496,9 +532,8 @@ def _parse_code(path: Path, raw: dict) -> dict:
     code_dir = str(path.resolve().parent) if uses_code and path.is_file() else None
     if factory is None:
         task = raw.get("task", "fashion_mnist")
-        if task not in TASKS:
-            raise _fail(path, "task", f"{task!r} is not allowed; choose one of: "
-                        f"{', '.join(TASKS)}, or name your own data under data.factory")
+        if is_import_string(task):  # a sweep file names its own data under data.factory
+            raise _not_a_task(path, task)
         for key in ("kwargs",):
             if key in data:
                 raise _fail(path, f"data.{key}", "only with data.factory (your own data)")
@@ -507,70 +542,34 @@ def _parse_code(path: Path, raw: dict) -> dict:
             raise _fail(path, "data.factory", f"{factory!r} is not an import string; write "
                         "it as module:function, e.g. my_data:load")
         task = factory
-        fn = _user_callable(path, "data.factory", factory, code_dir)
-        kwargs = _mapping(path, "data.kwargs", data.get("kwargs"))
-        try:
-            check_arguments(factory, fn, list(kwargs))
-        except UserCodeError as exc:
-            raise _fail(path, "data.kwargs", str(exc)) from None
+        _mapping(path, "data.kwargs", data.get("kwargs"))
     model_kwargs = {}
+    model_key = "model"
     if isinstance(model_raw, dict):
         model, model_kwargs = model_raw["factory"], dict(
             _mapping(path, "model.kwargs", model_raw.get("kwargs")))
+        model_key = "model.factory"
         if not is_import_string(model):
             raise _fail(path, "model.factory", f"{model!r} is not an import string; write it "
                         "as module:callable, e.g. my_models:build")
-    elif model_raw is None:
-        if task not in TASKS:
-            raise _fail(path, "model", "required with data.factory: {factory: "
-                        "module:callable, kwargs: {...}}, or a built-in model "
-                        f"({', '.join(MODELS)})")
-        model = MODELS_BY_TASK[task][0]
+    elif model_raw is None and factory is not None:
+        raise _fail(path, "model", "required with data.factory: {factory: "
+                    "module:callable, kwargs: {...}}, or a built-in model "
+                    f"({', '.join(MODELS)})")
+    elif model_raw is None:  # the task's first model; an unknown task is the core's to refuse
+        model = MODELS_BY_TASK[task][0] if isinstance(task, str) and \
+            task in MODELS_BY_TASK else None
     else:
         model = model_raw
-        if not is_import_string(model) and model not in MODELS:
-            raise _fail(path, "model", f"{model!r} is not allowed; choose one of: "
-                        f"{', '.join(MODELS)}, or a factory: {{factory: module:callable}}")
-    if task in TASKS and model in MODELS and model not in MODELS_BY_TASK[task]:
-        raise _fail(path, "model", f"{model!r} is not allowed for {task}; choose one of: "
-                    f"{', '.join(MODELS_BY_TASK[task])}")
-    if is_import_string(model):
-        _user_callable(path, "model.factory" if isinstance(model_raw, dict) else "model",
-                       model, code_dir)
     loss = raw.get("loss")
-    if loss is None and task not in TASKS:
-        raise _fail(path, "loss", f"required with data.factory; choose one of: "
-                    f"{', '.join(LOSSES)}")
-    if loss is not None and loss not in LOSSES:
-        raise _fail(path, "loss", f"{loss!r} is not allowed; choose one of: "
-                    f"{', '.join(LOSSES)}")
-    if is_import_string(raw.get("metric")):
-        _user_callable(path, "metric", raw["metric"], code_dir)
-    return {"task": task, "model": model, "model_kwargs": model_kwargs, "loss": loss,
-            "data_kwargs": dict(data.get("kwargs") or {}), "data": data,
-            "code_dir": code_dir}
-
-
-def _check_model_arguments(spec: Spec) -> None:
-    """The model factory takes every argument the file gives it, fixed or searched, and
-    gets every argument it needs."""
-    from optimsweep.core.models import MODELS as BUILT_IN
-
-    fn = resolve(BUILT_IN.get(spec.model, spec.model), spec.code_dir)
-    given = {**{k: "model.kwargs" for k in spec.model_kwargs},
-             **{k[len(MODEL_PARAM):]: f"fixed.{k}" for k in spec.fixed
-                if k.startswith(MODEL_PARAM)},
-             **{k[len(MODEL_PARAM):]: f"search_space.{k}" for k in spec.search_space
-                if k.startswith(MODEL_PARAM)}}
-    for name, key in given.items():
-        try:
-            check_arguments(spec.model, fn, [name], complete=False)
-        except UserCodeError as exc:
-            raise _fail(spec.path, key, str(exc)) from None
     try:
-        check_arguments(spec.model, fn, list(given))
-    except UserCodeError as exc:
-        raise _fail(spec.path, "model.kwargs", str(exc)) from None
+        config = TrainConfig.from_dict({k: v for k, v in (("task", task), ("model", model),
+                                                          ("loss", loss)) if v is not None})
+    except ConfigError as exc:
+        raise _refused(path, exc, task, model, loss) from None
+    return {"task": task, "model": model, "model_kwargs": model_kwargs, "loss": loss,
+            "loss_used": config.loss, "data_kwargs": dict(data.get("kwargs") or {}),
+            "data": data, "code_dir": code_dir, "model_key": model_key}
 
 
 def _parents_first(space: dict[str, Param]) -> dict[str, Param]:
@@ -582,75 +581,3 @@ def _parents_first(space: dict[str, Param]) -> dict[str, Param]:
         return 1 + max(map(depth, parents)) if parents else 0
 
     return dict(sorted(space.items(), key=lambda item: depth(item[0])))
-
-
-def _check_sampler_fits(spec: Spec) -> None:
-    """Build the sampler and pruner once now, so bad options fail before any study exists."""
-    for key, build in (("sampler", build_sampler), ("pruner", build_pruner)):
-        try:
-            build(spec)
-        except (TypeError, ValueError) as exc:
-            raise _fail(spec.path, key, str(exc)) from None
-    if spec.sampler.get("name") == "grid":
-        from optimsweep.sweep.space import applies
-
-        grid = grid_space(spec)
-        for i, entry in enumerate(spec.baseline):
-            values = {**spec.base_config(), **entry}
-            missing = [n for n, p in spec.search_space.items()
-                       if n not in entry and applies(p, values)]
-            if missing:
-                raise _fail(spec.path, f"baseline[{i}]", "the grid sampler needs every "
-                            f"parameter of a baseline; missing: {', '.join(missing)}")
-            for n, v in entry.items():
-                if v not in grid[n]:
-                    raise _fail(spec.path, f"baseline[{i}].{n}", f"{v!r} is not a grid point;"
-                                f" grid: {', '.join(map(str, grid[n]))}")
-
-
-def _dry_run(spec: Spec) -> None:
-    """Ask the sampler and pruner for a few trials of this space (with the baselines first)
-    in memory, with no training: option values that only fail when used, fail now."""
-    from optimsweep.sweep.space import suggest_config
-
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            study = optuna.create_study(direction=spec.direction, sampler=build_sampler(spec, 0),
-                                        pruner=build_pruner(spec))
-            study.stop = lambda: None  # a grid sampler stops studies: not ours to end here
-            for params in spec.baseline:
-                study.enqueue_trial(params)
-            for i in range(len(spec.baseline) + 3):
-                key = f"baseline[{i}]" if i < len(spec.baseline) else "sampler"
-                trial = study.ask()
-                try:
-                    suggest_config(trial, spec)
-                except Exception as exc:  # noqa: BLE001  (whatever it is, it is the file's)
-                    raise _fail(spec.path, key, f"can't sample: {exc}") from None
-                try:
-                    for step in (1, 2):
-                        trial.report(float(i + step), step)
-                        trial.should_prune()
-                except Exception as exc:  # noqa: BLE001
-                    raise _fail(spec.path, "pruner", f"can't prune: {exc}") from None
-                study.tell(trial, float(i))
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-
-
-def load_spec(path: Path | str) -> Spec:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such sweep file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text file (UTF-8 YAML expected)") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: can't be read: {exc.strerror}") from None
-    if "\x00" in text:
-        raise SpecError(f"{path}: not a text file (UTF-8 YAML expected)")
-    return parse_spec(text, path)
