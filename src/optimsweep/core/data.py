@@ -327,16 +327,3 @@ def load_dataset(
                    test_x=test_x.to(device), test_y=test_y.to(device),
                    num_classes=_classes(y), split_seed=split_seed)
 
-
-def load_fashion_mnist(*, device: torch.device | str = "cpu", val_size: int = 10_000,
-                       split_seed: int = 0, train_subset: int | None = None) -> Dataset:
-    """The tutorial's data: 60k training images (less the validation split), 10k test."""
-    return load_dataset("fashion_mnist", device=device, val_size=val_size,
-                        split_seed=split_seed, train_subset=train_subset)
-
-
-def make_regression(*, device: torch.device | str = "cpu", val_size: int = 100,
-                    split_seed: int = 0, train_subset: int | None = None) -> Dataset:
-    """The seed's line y = 0.7 x + 0.3: 800 training, 100 validation, 100 test points."""
-    return load_dataset("regression", device=device, val_size=val_size,
-                        split_seed=split_seed, train_subset=train_subset)

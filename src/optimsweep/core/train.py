@@ -464,19 +464,6 @@ def _train_epoch(stack: ModelStack, optimizers: list, generators: list[torch.Gen
     return losses
 
 
-def train_epoch(model, loss_fn, optimizer, x, y, batch_size: int, generator, epoch: int,
-                precision: str = "fp32") -> float:
-    """One epoch of one model on tensors (x, y), as `fit` trains it; returns the mean batch
-    loss. Raises DivergedError at the first non-finite loss."""
-    data = Dataset(x, y, x[:0], y[:0], x[:0], y[:0])
-    losses = _train_epoch(ModelStack([model]), [optimizer], [generator], loss_fn, data,
-                          batch_size, precision)[:, 0]
-    problem = _diverged(losses, epoch)
-    if problem is not None:
-        raise problem
-    return float(losses.mean())
-
-
 @dataclass
 class _Scoring:
     """How outputs are scored: the loss, what kind of task it says, the user's metric."""
@@ -535,14 +522,6 @@ def _evaluate(stack: ModelStack, scoring: _Scoring, data, split: str,
     return [(float(total_loss[i]) / n,
              int(correct[i]) / targets if scoring.kind is not None else None, extra[i])
             for i in range(k)]
-
-
-def evaluate(model: nn.Module, loss_fn, x, y, precision: str = "fp32") -> tuple[float,
-                                                                                float | None]:
-    """Mean loss and, for class labels (long y), accuracy in [0, 1] of one model on (x, y)."""
-    scoring = _Scoring(loss_fn, "classes" if y.dtype == torch.long else None)
-    data = Dataset(x[:0], y[:0], x[:0], y[:0], x, y)
-    return _evaluate(ModelStack([model]), scoring, data, "test", precision)[0][:2]
 
 
 def _diverged(losses: torch.Tensor, epoch: int) -> DivergedError | None:
