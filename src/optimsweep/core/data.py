@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
 import optimsweep.core.numerics  # noqa: F401  (before any tensor work: see its docstring)
-from optimsweep.errors import DataError, DataUnavailable
+from optimsweep.core.usercode import resolve
+from optimsweep.errors import DataError, DataUnavailable, UserCodeError
 
 FASHION_FILES = (
     "train-images-idx3-ubyte",
@@ -134,7 +135,7 @@ def _apt_install(log) -> bool:
 
 
 def _torchvision_download(root: Path, log) -> bool:
-    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets import FashionMNIST  # here: importing torchvision takes seconds
 
     log("downloading FashionMNIST with torchvision ...")
     try:
@@ -289,8 +290,6 @@ def load_dataset(
     carve the validation split from its training part with `split_seed` (so every trial of a
     study validates on the same examples), keep the first `train_subset` training examples,
     and put it on `device`, whole or streamed. The test part is only ever reported."""
-    from optimsweep.core.usercode import UserCodeError, resolve
-
     ref = TASKS.get(task, task)
     where = f"data.factory: {ref}" if task not in TASKS else f"task: {task}"
     try:
