@@ -48,8 +48,6 @@ IN_MEMORY_MB = 1024
 EVAL_BATCH = 4096
 
 
-
-
 @dataclass
 class Dataset:
     """Train/validation/test tensors already on `device`; `num_classes` is 0 for regression."""

@@ -24,7 +24,6 @@ from optimsweep.util.provenance import git
 IMPORT_STRING = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
-
 def is_import_string(value) -> bool:
     return isinstance(value, str) and IMPORT_STRING.fullmatch(value) is not None
 
