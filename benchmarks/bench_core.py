@@ -2,7 +2,8 @@
 
 1. A large fp32 matrix multiply: this machine's practical roofline.
 2. One epoch of the seed tutorial's own loop (DataLoader + ToTensor over PIL images).
-3. One epoch of `optimsweep.core.train.train_epoch` on the same model, data and batch size.
+3. One epoch of the core's training loop (`core_loops.train_epoch`) on the same model, data
+   and batch size.
 4. The core at batch 256, as a fraction of the roofline (the tutorial MLP costs about
    4.0 MFLOP per training sample: 3 x 1.34 MFLOP for forward + backward).
 5. The matmul floor at batch 64: only the eight matrix multiplies of each training step (same
@@ -28,14 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from optimsweep.core.data import (
-    _split,
-    default_data_root,
-    load_fashion_mnist,
-    prepare_fashion_mnist,
-)
+from core_loops import evaluate, load_fashion_mnist, train_epoch
+from optimsweep.core.data import _split, default_data_root, prepare_fashion_mnist
 from optimsweep.core.models import NeuralNetwork
-from optimsweep.core.train import evaluate, train_epoch
 
 FLOP_PER_SAMPLE = 4.0e6
 

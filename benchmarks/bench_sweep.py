@@ -31,7 +31,8 @@ import optuna
 import torch
 import yaml
 
-from optimsweep.core.data import Dataset, load_fashion_mnist, prepare_fashion_mnist
+from core_loops import load_fashion_mnist
+from optimsweep.core.data import Dataset, prepare_fashion_mnist
 from optimsweep.core.train import TrainConfig, default_fuse, fit, fit_group, resolve_precision
 from optimsweep.sweep.check import load_spec
 from optimsweep.sweep.space import suggest_config

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from optimsweep.core.data import load_fashion_mnist, make_regression
+from core_helpers import load_fashion_mnist, make_regression
 
 # The MLflow servers the tests start (`mlflow server` for `servers` below and the tests that
 # restart it, `mlflow ui` for test_ui) inherit this: without it, each start also launches

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core_helpers import load_fashion_mnist, make_regression
 from optimsweep.core import data as data_module
-from optimsweep.core.data import (
-    DataUnavailable,
-    load_fashion_mnist,
-    make_regression,
-    prepare_fashion_mnist,
-)
+from optimsweep.core.data import DataUnavailable, prepare_fashion_mnist
 
 
 def test_fashion_mnist_is_tensors_in_unit_range(fashion_small):

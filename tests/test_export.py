@@ -11,9 +11,9 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from core_helpers import make_regression
 from optimsweep.cli import main
 from optimsweep.confirm import confirm
-from optimsweep.core.data import make_regression
 from optimsweep.core.train import TrainConfig, fit, load_data
 from optimsweep.export import export_best
 from optimsweep.run.runner import run_sweep

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,11 +151,11 @@ def test_configs_that_cannot_share_batches_are_refused(line):
 
 DENORMALS = """
 import sys
+sys.path.insert(0, sys.argv[2])            # the tests' folder: core_helpers
 import torch
-from optimsweep.core.train import train_epoch   # the core flushes denormals on import
+from core_helpers import load_fashion_mnist, train_epoch  # the core flushes denormals on import
 if sys.argv[1] == "keep":
     torch.set_flush_denormal(False)        # before torch's worker threads start
-from optimsweep.core.data import load_fashion_mnist
 from optimsweep.core.models import build_model
 data = load_fashion_mnist(train_subset=2_000)
 torch.manual_seed(0)
@@ -179,7 +180,8 @@ def test_flushing_denormals_keeps_learning_and_removes_them():
     in every thread: its Adam state holds none, and it learns the same within noise as a
     process that keeps them."""
     def train(mode: str) -> tuple[int, float]:
-        out = subprocess.run([sys.executable, "-c", DENORMALS, mode], capture_output=True,
+        tests = str(Path(__file__).parent)
+        out = subprocess.run([sys.executable, "-c", DENORMALS, mode, tests], capture_output=True,
                              text=True, check=True, timeout=300).stdout.split()
         return int(out[0]), float(out[1])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -9,12 +10,15 @@ import pytest
 import torch
 
 from optimsweep.core.train import (
+    FUSED_GROUPS,
+    GROUPS,
     OPTIMIZERS,
     SCHEDULERS,
     ConfigError,
     DivergedError,
     TrainConfig,
     fit,
+    group_key,
 )
 
 
@@ -155,3 +159,46 @@ def test_conditional_params_only_where_they_apply():
 def test_auto_device_is_cuda_only_when_present(line):
     result = fit(line_config(epochs=1, device="auto"), line)
     assert result.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- field groups and group_key
+
+# A value other than line_config()'s for every field: a new field must be added here too.
+OTHER_VALUES = {
+    "task": "my_data:load", "model": "my_models:build", "model_kwargs": {"hidden": 4},
+    "data_kwargs": {"n": 10}, "loss": "mse", "metric": "my_metrics:f1", "code_dir": "/tmp",
+    "optimizer": "adam", "lr": 0.1, "momentum": 0.5, "nesterov": True, "beta1": 0.5,
+    "beta2": 0.5, "alpha": 0.5, "weight_decay": 0.1, "batch_size": 8, "epochs": 3,
+    "scheduler": "step", "step_size": 2, "gamma": 0.5, "factor": 0.5, "patience": 3,
+    "seed": 1, "device": "cpu", "precision": "bf16", "val_size": 50, "split_seed": 1,
+    "train_subset": 10, "in_memory_mb": 1.0,
+}
+
+
+def test_every_field_declares_its_group():
+    """A new TrainConfig field must say (with `_in`) which group it belongs to, or
+    group_key would silently leave it out or in."""
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("group") in GROUPS, f"{f.name}: no group; declare it with _in"
+
+
+def test_group_key_covers_exactly_the_data_model_and_hardware_fields():
+    base = line_config()
+    assert set(OTHER_VALUES) == {f.name for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(TrainConfig):
+        other = dataclasses.replace(base, **{f.name: OTHER_VALUES[f.name]})
+        assert getattr(other, f.name) != getattr(base, f.name), f.name
+        fused = f.metadata["group"] in FUSED_GROUPS
+        assert (group_key(other) != group_key(base)) == fused, f.name
+    assert group_key(line_config()) == group_key(base)
+    assert hash(group_key(line_config(model_kwargs={"a": 1, "b": 2}))) == hash(
+        group_key(line_config(model_kwargs={"b": 2, "a": 1})))
+
+
+def test_field_order_is_that_of_params_and_config_files():
+    assert [f.name for f in dataclasses.fields(TrainConfig)] == [
+        "task", "model", "model_kwargs", "data_kwargs", "loss", "metric", "code_dir",
+        "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2", "alpha", "weight_decay",
+        "batch_size", "epochs", "scheduler", "step_size", "gamma", "factor", "patience",
+        "seed", "device", "precision", "val_size", "split_seed", "train_subset",
+        "in_memory_mb"]

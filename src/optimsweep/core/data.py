@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
 import optimsweep.core.numerics  # noqa: F401  (before any tensor work: see its docstring)
-from optimsweep.errors import DataError, DataUnavailable
+from optimsweep.core.usercode import resolve
+from optimsweep.errors import DataError, DataUnavailable, UserCodeError
 
 FASHION_FILES = (
     "train-images-idx3-ubyte",
@@ -45,8 +46,6 @@ VAL_FRACTION = 0.1  # of a user's training examples, when the sweep file gives n
 # data.in_memory_mb). 1 GiB holds FashionMNIST five times over and fits any GPU.
 IN_MEMORY_MB = 1024
 EVAL_BATCH = 4096
-
-
 
 
 @dataclass
@@ -134,7 +133,7 @@ def _apt_install(log) -> bool:
 
 
 def _torchvision_download(root: Path, log) -> bool:
-    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets import FashionMNIST  # here: importing torchvision takes seconds
 
     log("downloading FashionMNIST with torchvision ...")
     try:
@@ -289,8 +288,6 @@ def load_dataset(
     carve the validation split from its training part with `split_seed` (so every trial of a
     study validates on the same examples), keep the first `train_subset` training examples,
     and put it on `device`, whole or streamed. The test part is only ever reported."""
-    from optimsweep.core.usercode import UserCodeError, resolve
-
     ref = TASKS.get(task, task)
     where = f"data.factory: {ref}" if task not in TASKS else f"task: {task}"
     try:
@@ -327,16 +324,3 @@ def load_dataset(
                    test_x=test_x.to(device), test_y=test_y.to(device),
                    num_classes=_classes(y), split_seed=split_seed)
 
-
-def load_fashion_mnist(*, device: torch.device | str = "cpu", val_size: int = 10_000,
-                       split_seed: int = 0, train_subset: int | None = None) -> Dataset:
-    """The tutorial's data: 60k training images (less the validation split), 10k test."""
-    return load_dataset("fashion_mnist", device=device, val_size=val_size,
-                        split_seed=split_seed, train_subset=train_subset)
-
-
-def make_regression(*, device: torch.device | str = "cpu", val_size: int = 100,
-                    split_seed: int = 0, train_subset: int | None = None) -> Dataset:
-    """The seed's line y = 0.7 x + 0.3: 800 training, 100 validation, 100 test points."""
-    return load_dataset("regression", device=device, val_size=val_size,
-                        split_seed=split_seed, train_subset=train_subset)

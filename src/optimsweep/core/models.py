@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from optimsweep.core.usercode import resolve
+
 MODELS_BY_TASK = {"fashion_mnist": ("mlp", "cnn"), "regression": ("linear",)}
 # Model factories like any user's: a sweep file's `model: mlp` is `optimsweep.core.models:...`.
 MODELS = {"mlp": "optimsweep.core.models:NeuralNetwork", "cnn": "optimsweep.core.models:SmallCNN",
@@ -68,8 +70,6 @@ class LinearRegressionModel(nn.Module):
 def build_model(name: str, kwargs: dict | None = None, code_dir: str | None = None) -> nn.Module:
     """A fresh model from a built-in name or a factory's import string, called with
     `kwargs` (the sweep's fixed and sampled `model.NAME` values)."""
-    from optimsweep.core.usercode import resolve
-
     model = resolve(MODELS.get(name, name), code_dir)(**(kwargs or {}))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {name} returned {type(model).__name__}, not a "

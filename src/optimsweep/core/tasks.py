@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from optimsweep.core.data import default_data_root, prepare_fashion_mnist
+
 
 def fashion_mnist(root: Path | str | None = None):
     """FashionMNIST scaled to [0, 1] like the tutorial's ToTensor, as N x 1 x 28 x 28 floats,
     with long labels: 60k training images, 10k test images."""
-    from torchvision.datasets import FashionMNIST
-
-    from optimsweep.core.data import default_data_root, prepare_fashion_mnist
+    from torchvision.datasets import FashionMNIST  # here: importing torchvision takes seconds
 
     root = Path(root or default_data_root())
     prepare_fashion_mnist(root)

@@ -74,41 +74,70 @@ CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# Every field of TrainConfig belongs to one group, declared on the field (`_in`):
+#   data:          which data and how it is cut (split, subset, batches)
+#   model:         the model, its loss and metric, and where their code is
+#   hardware:      where and in what precision it computes
+#   optimisation:  the optimizer, its scheduler and their hyperparameters
+#   run:           how long it trains and from which seed
+# Configs that agree on every field of FUSED_GROUPS can train as one fused group (group_key).
+GROUPS = ("data", "model", "hardware", "optimisation", "run")
+FUSED_GROUPS = ("data", "model", "hardware")
+
+
+def _in(group: str, default=dataclasses.MISSING, **kwargs):
+    """A TrainConfig field of `group` (one of GROUPS)."""
+    if group not in GROUPS:
+        raise ValueError(f"{group!r} is not one of {GROUPS}")
+    return field(default=default, metadata={"group": group}, **kwargs)
 
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs. Defaults are the seed tutorial's setup."""
+    """Everything one training run needs. Defaults are the seed tutorial's setup.
 
-    task: str = "fashion_mnist"  # a built-in task, or a data factory "module:function"
-    model: str = "mlp"  # a built-in model, or a model factory "module:callable"
-    model_kwargs: dict = field(default_factory=dict)  # "model.NAME" in files and params
-    data_kwargs: dict = field(default_factory=dict)  # "data.NAME" in files and params
-    loss: str | None = None  # None: the built-in task's own (cross_entropy, l1)
-    metric: str | None = None  # a function (outputs, targets) -> float, by import string
-    code_dir: str | None = None  # the folder that makes the import strings importable
-    optimizer: str = "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.9  # optimizer: momentum
-    nesterov: bool = False  # optimizer: momentum
-    beta1: float = 0.9  # optimizer: adam, adamw
-    beta2: float = 0.999  # optimizer: adam, adamw
-    alpha: float = 0.99  # optimizer: rmsprop, the smoothing of its squared gradients
-    weight_decay: float = 0.0  # adamw: decoupled from the gradient (torch's default is 0.01)
-    batch_size: int = 64
-    epochs: int = 10
-    scheduler: str = "none"
-    step_size: int = 5  # scheduler: step, in epochs
-    gamma: float = 0.1  # scheduler: step
-    factor: float = 0.1  # scheduler: plateau
-    patience: int = 2  # scheduler: plateau, in epochs
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"  # auto: bf16 where this machine runs it faster (CUDA, AMX CPUs)
-    val_size: int | None = None  # None: the task's default (10k images for FashionMNIST)
-    split_seed: int = 0  # fixes the train/validation split, separately from `seed`
-    train_subset: int | None = None  # keep only the first N training examples (tests)
-    in_memory_mb: float = IN_MEMORY_MB  # larger datasets stream through a DataLoader
+    The fields' order is that of params and config files; each field's group is on it."""
+
+    # a built-in task, or a data factory "module:function"
+    task: str = _in("data", "fashion_mnist")
+    model: str = _in("model", "mlp")  # a built-in model, or a model factory "module:callable"
+    # "model.NAME" in files and params
+    model_kwargs: dict = _in("model", default_factory=dict)
+    data_kwargs: dict = _in("data", default_factory=dict)  # "data.NAME" in files and params
+    loss: str | None = _in("model", None)  # None: the built-in task's own (cross_entropy, l1)
+    # a function (outputs, targets) -> float, by import string
+    metric: str | None = _in("model", None)
+    # the folder that makes the import strings importable
+    code_dir: str | None = _in("model", None)
+    optimizer: str = _in("optimisation", "sgd")
+    lr: float = _in("optimisation", 1e-3)
+    momentum: float = _in("optimisation", 0.9)  # optimizer: momentum
+    nesterov: bool = _in("optimisation", False)  # optimizer: momentum
+    beta1: float = _in("optimisation", 0.9)  # optimizer: adam, adamw
+    beta2: float = _in("optimisation", 0.999)  # optimizer: adam, adamw
+    # optimizer: rmsprop, the smoothing of its squared gradients
+    alpha: float = _in("optimisation", 0.99)
+    # adamw: decoupled from the gradient (torch's default is 0.01)
+    weight_decay: float = _in("optimisation", 0.0)
+    batch_size: int = _in("data", 64)
+    epochs: int = _in("run", 10)
+    scheduler: str = _in("optimisation", "none")
+    step_size: int = _in("optimisation", 5)  # scheduler: step, in epochs
+    gamma: float = _in("optimisation", 0.1)  # scheduler: step
+    factor: float = _in("optimisation", 0.1)  # scheduler: plateau
+    patience: int = _in("optimisation", 2)  # scheduler: plateau, in epochs
+    seed: int = _in("run", 0)
+    device: str = _in("hardware", "auto")
+    # auto: bf16 where this machine runs it faster (CUDA, AMX CPUs)
+    precision: str = _in("hardware", "fp32")
+    # None: the task's default (10k images for FashionMNIST)
+    val_size: int | None = _in("data", None)
+    # fixes the train/validation split, separately from `seed`
+    split_seed: int = _in("data", 0)
+    # keep only the first N training examples (tests)
+    train_subset: int | None = _in("data", None)
+    # larger datasets stream through a DataLoader
+    in_memory_mb: float = _in("data", IN_MEMORY_MB)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -322,23 +351,26 @@ def build_scheduler(config: TrainConfig, optimizer):
     return None
 
 
-def loss_function(name: str) -> nn.Module:
-    return LOSSES[name][0]()
-
-
 def metric_name(ref: str) -> str:
     """"my_metrics:f1" -> "f1": logged as val_f1 and test_f1."""
     return ref.split(":")[1].split(".")[-1]
 
 
+def fields_of(*groups: str) -> tuple[str, ...]:
+    """The names of TrainConfig's fields in `groups`, in the fields' order."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig)
+                 if f.metadata["group"] in groups)
+
+
+GROUP_KEY_FIELDS = fields_of(*FUSED_GROUPS)
+
+
 def group_key(config: TrainConfig) -> tuple:
     """Configurations with the same key can be trained as one fused group: the same model
     (architecture included) and data, cut into the same number of batches of the same
-    shape, scored the same way."""
-    return (config.task, config.model, repr(sorted(config.model_kwargs.items())),
-            repr(sorted(config.data_kwargs.items())), config.loss, config.metric,
-            config.code_dir, config.batch_size, config.device, config.precision,
-            config.val_size, config.split_seed, config.train_subset, config.in_memory_mb)
+    shape, scored the same way, on the same hardware: every field of FUSED_GROUPS."""
+    return tuple(repr(sorted(value.items())) if isinstance(value, dict) else value
+                 for value in (getattr(config, name) for name in GROUP_KEY_FIELDS))
 
 
 def default_fuse(device: torch.device) -> int:
@@ -415,19 +447,6 @@ def _train_epoch(stack: ModelStack, optimizers: list, generators: list[torch.Gen
     return losses
 
 
-def train_epoch(model, loss_fn, optimizer, x, y, batch_size: int, generator, epoch: int,
-                precision: str = "fp32") -> float:
-    """One epoch of one model on tensors (x, y), as `fit` trains it; returns the mean batch
-    loss. Raises DivergedError at the first non-finite loss."""
-    data = Dataset(x, y, x[:0], y[:0], x[:0], y[:0])
-    losses = _train_epoch(ModelStack([model]), [optimizer], [generator], loss_fn, data,
-                          batch_size, precision)[:, 0]
-    problem = _diverged(losses, epoch)
-    if problem is not None:
-        raise problem
-    return float(losses.mean())
-
-
 @dataclass
 class _Scoring:
     """How outputs are scored: the loss, what kind of task it says, the user's metric."""
@@ -486,14 +505,6 @@ def _evaluate(stack: ModelStack, scoring: _Scoring, data, split: str,
     return [(float(total_loss[i]) / n,
              int(correct[i]) / targets if scoring.kind is not None else None, extra[i])
             for i in range(k)]
-
-
-def evaluate(model: nn.Module, loss_fn, x, y, precision: str = "fp32") -> tuple[float,
-                                                                                float | None]:
-    """Mean loss and, for class labels (long y), accuracy in [0, 1] of one model on (x, y)."""
-    scoring = _Scoring(loss_fn, "classes" if y.dtype == torch.long else None)
-    data = Dataset(x[:0], y[:0], x[:0], y[:0], x, y)
-    return _evaluate(ModelStack([model]), scoring, data, "test", precision)[0][:2]
 
 
 def _diverged(losses: torch.Tensor, epoch: int) -> DivergedError | None:

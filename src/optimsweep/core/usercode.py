@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import inspect
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from functools import cache
@@ -20,9 +19,9 @@ from importlib import metadata
 from pathlib import Path
 
 from optimsweep.errors import UserCodeError
+from optimsweep.util.provenance import git
 
 IMPORT_STRING = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
 
 
 def is_import_string(value) -> bool:
@@ -85,15 +84,6 @@ def check_arguments(ref: str, fn: Callable, names: list[str], complete: bool = T
                             f"{'it' if len(missing) == 1 else 'them'} under kwargs")
 
 
-def _git(folder: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             check=True, cwd=folder)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 @cache
 def code_version(ref: str, code_dir: str | None = None) -> str:
     """What can be known of the version of the code `ref` names: "DIST VERSION" when an
@@ -114,10 +104,9 @@ def code_version(ref: str, code_dir: str | None = None) -> str:
     if not source:
         return "unknown"
     path = Path(source).resolve()
-    commit = _git(path.parent, "rev-parse", "HEAD")
-    if commit and _git(path.parent, "ls-files", "--error-unmatch", path.name):
-        dirty = _git(path.parent, "status", "--porcelain", "--untracked-files=no", "--",
-                     ".")
+    commit = git(path.parent, "rev-parse", "HEAD")
+    if commit and git(path.parent, "ls-files", "--error-unmatch", path.name):
+        dirty = git(path.parent, "status", "--porcelain", "--untracked-files=no", "--", ".")
         return f"git {commit}{'-dirty' if dirty else ''} ({path})"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return f"sha256 {digest} ({path})"

@@ -1,12 +1,13 @@
 """Files written whole or not at all, and locks the kernel releases when a process dies.
 
-Every file the tool writes goes through here (or through artifacts.save_state_dict, which
-follows the same rule): a crash, a Ctrl-C or a full disk leaves the old version or the new
-one, never a mix.
+Every file the tool writes goes through here (model weights too: artifacts.save_state_dict
+writes with `write_atomic`): a crash, a Ctrl-C or a full disk leaves the old version or the
+new one, never a mix.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
@@ -14,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
 @contextmanager
@@ -30,13 +32,15 @@ def file_lock(path: Path | str) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def write_text_atomic(path: Path | str, text: str) -> Path:
+def write_atomic(path: Path | str, write: Callable[[IO], object], mode: str = "wb") -> Path:
+    """Call `write(file)` on a temporary file beside `path` (opened with `mode`), flush it to
+    disk, and rename it to `path`; on any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -46,11 +50,13 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
     return path
 
 
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    return write_atomic(path, lambda fh: fh.write(text), "w")
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system
     can't."""
-    import ctypes
-
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):

@@ -9,17 +9,20 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("optimsweep", "torch", "torchvision", "optuna", "mlflow", "numpy", "pandas")
+# Where git is asked about optimsweep's own code, not where the command runs: the commit is
+# of the code that trained, whatever folder the user sweeps from.
+OWN_FOLDER = Path(__file__).parent
 
 
-def _git(*args: str) -> str | None:
-    """Asked where optimsweep's own code is, not where the command runs: the commit is of
-    the code that trained, whatever folder the user sweeps from."""
+def git(folder: Path | str, *args: str) -> str | None:
+    """`git ARGS` run in `folder`: its output, stripped; None when it fails or prints
+    nothing (no git, not a repository, an untracked file)."""
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             check=True, cwd=Path(__file__).parent)
+                             check=True, cwd=folder)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
+    return out.stdout.strip() or None
 
 
 @cache
@@ -28,9 +31,10 @@ def provenance() -> dict[str, str]:
     info = {"python": platform.python_version()}
     # Only when optimsweep's own files are tracked there: a venv inside the user's repo
     # would otherwise report the user's commit as ours.
-    commit = _git("ls-files", "--error-unmatch", "__init__.py") and _git("rev-parse", "HEAD")
+    commit = (git(OWN_FOLDER, "ls-files", "--error-unmatch", "__init__.py")
+              and git(OWN_FOLDER, "rev-parse", "HEAD"))
     if commit:
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = git(OWN_FOLDER, "status", "--porcelain", "--untracked-files=no")
         info["git_commit"] = commit + ("-dirty" if dirty else "")
     for package in PACKAGES:
         try:

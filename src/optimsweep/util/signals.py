@@ -24,7 +24,6 @@ _deferred: int | None = None  # one that came inside a held() block, raised as i
 _depth = 0  # held() blocks open in the main thread
 
 
-
 def stop_on_signals(*, once: bool = False) -> None:
     """Raise Interrupted in the main thread on SIGINT or SIGTERM. With `once`, a second
     signal is ignored, so the first one's clean-up (closing the runs) is not cut short: for
