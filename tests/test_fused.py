@@ -151,9 +151,9 @@ def test_configs_that_cannot_share_batches_are_refused(line):
 
 DENORMALS = """
 import sys
-sys.path.insert(0, sys.argv[2])            # the tests' folder: core_helpers
+sys.path.insert(0, sys.argv[2])            # benchmarks/: core_loops
 import torch
-from core_helpers import load_fashion_mnist, train_epoch  # the core flushes denormals on import
+from core_loops import load_fashion_mnist, train_epoch  # the core flushes denormals on import
 if sys.argv[1] == "keep":
     torch.set_flush_denormal(False)        # before torch's worker threads start
 from optimsweep.core.models import build_model
@@ -180,8 +180,8 @@ def test_flushing_denormals_keeps_learning_and_removes_them():
     in every thread: its Adam state holds none, and it learns the same within noise as a
     process that keeps them."""
     def train(mode: str) -> tuple[int, float]:
-        tests = str(Path(__file__).parent)
-        out = subprocess.run([sys.executable, "-c", DENORMALS, mode, tests], capture_output=True,
+        loops = str(Path(__file__).parents[1] / "benchmarks")
+        out = subprocess.run([sys.executable, "-c", DENORMALS, mode, loops], capture_output=True,
                              text=True, check=True, timeout=300).stdout.split()
         return int(out[0]), float(out[1])
 
