@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from optimsweep.errors import Expected, StoreError, UsageError
+from optimsweep.errors import Expected, StoreError, UsageError, describe
 
 # Only the standard library above: the signal handlers go in before torch, MLflow and Optuna
 # are imported, so a Ctrl-C during start-up is handled like any other.
@@ -252,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from optimsweep.errors import describe
     from optimsweep.records.storage import STORE_FAILURES
 
     try:

@@ -4,8 +4,7 @@ Each prints as one line, without a traceback (`--debug` shows it)."""
 
 from __future__ import annotations
 
-import signal
-
+from optimsweep.util.signals import Interrupted  # noqa: F401  (raised by the signal handler)
 from optimsweep.util.urls import redact_text
 
 
@@ -74,18 +73,6 @@ class ServiceError(Failed):
 class WorkersFailed(Failed):
     """A worker process ended abnormally; the message says which and what became of its
     trial."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM: the running trial is closed as interrupted."""
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 def describe(exc: BaseException) -> str:

@@ -13,8 +13,8 @@ import optuna
 from optuna.storages._heartbeat import is_heartbeat_enabled as _is_heartbeat_enabled
 from optuna.storages.journal._file import BaseJournalFileLock
 
-__all__ = ["BaseJournalFileLock", "contains", "heartbeat_enabled", "never_stops",
-           "stale_trial_ids", "storage_of", "trial_id"]
+__all__ = ["BaseJournalFileLock", "contains", "enqueued_params", "heartbeat_enabled",
+           "never_stops", "stale_trial_ids", "storage_of", "trial_id"]
 
 # Our claim and trial loop drive the heartbeat themselves (see records.storage.heartbeat).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -51,3 +51,8 @@ def never_stops(study: optuna.Study) -> optuna.Study:
     budget ends a study, and the claim hands grid points out itself."""
     study.stop = lambda: None
     return study
+
+
+def enqueued_params(trial: optuna.trial.FrozenTrial) -> dict:
+    """The params `enqueue_trial` gave a trial: it holds them before it suggests them."""
+    return trial.system_attrs.get("fixed_params", {})

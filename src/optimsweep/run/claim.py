@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from optimsweep.records.optuna_adapter import trial_id
+from optimsweep.records.optuna_adapter import enqueued_params, trial_id
 from optimsweep.records.schema import Attr, counted_trials
 from optimsweep.run.context import OpenStudy
 from optimsweep.run.repair import fail_stale_trials
@@ -41,7 +41,7 @@ class Claim:
 
 def _given(t: optuna.trial.FrozenTrial) -> dict:
     """A trial's params; an enqueued one has them before it suggests them."""
-    return {**t.system_attrs.get("fixed_params", {}), **t.params}
+    return {**enqueued_params(t), **t.params}
 
 
 def next_enqueued(trials: list, spec: Spec, max_retry: int) -> tuple[dict, dict] | None:

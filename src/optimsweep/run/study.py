@@ -14,7 +14,6 @@ from optuna.trial import TrialState
 
 from optimsweep.core.train import TrainConfig, load_data
 from optimsweep.errors import DataError, SpecError, StoreError, UserCodeError
-from optimsweep.plots import log_study_plots
 from optimsweep.records.optuna_adapter import never_stops
 from optimsweep.records.schema import Attr, Tag, counted_trials
 from optimsweep.records.storage import StudyStorage, is_journal, resolve_storage
@@ -195,4 +194,6 @@ def close_study_run(opened: OpenStudy, status: str) -> None:
             return
         tracker.set_tag(ref.parent_run_id, Tag.SUMMARIZED, finished)
     log_summary(study, ref.spec.metric, tracker, ref.parent_run_id)
+    from optimsweep.plots import log_study_plots  # matplotlib: 1 s of every process's start
+
     log_study_plots(study, ref.spec.metric, tracker, ref.parent_run_id)

@@ -17,11 +17,21 @@ import signal
 import sys
 import threading
 
-from optimsweep.errors import Interrupted
-
 _received: int | None = None  # the signal this process is stopping for
 _deferred: int | None = None  # one that came inside a held() block, raised as it ends
 _depth = 0  # held() blocks open in the main thread
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM: the running trial is closed as interrupted."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def stop_on_signals(*, once: bool = False) -> None:
