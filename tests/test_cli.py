@@ -54,11 +54,19 @@ def test_train_with_a_missing_config_file_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing.yaml'}: no such config file\n"
 
 
-def test_a_password_in_a_storage_url_is_never_printed(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("OPTIMSWEEP_STORAGE", "postgresql://optimsweep:s3cret@127.0.0.1:9/db")
-    assert main(["best", "line"]) == 3
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://optimsweep:s3cret@127.0.0.1:9/db", "postgresql://optimsweep:***@127.0.0.1:9/db"),
+    ("postgresql://optimsweep@127.0.0.1:9/db?password=s3cret",
+     "postgresql://optimsweep@127.0.0.1:9/db?password=***"),
+], ids=["userinfo", "query"])
+@pytest.mark.parametrize("debug", [[], ["--debug"]], ids=["", "debug"])
+def test_a_password_in_a_storage_url_is_never_printed(url, shown, debug, capsys, monkeypatch):
+    """Nor in the traceback --debug shows."""
+    monkeypatch.setenv("OPTIMSWEEP_STORAGE", url)
+    assert main([*debug, "best", "line"]) == 3
     err = capsys.readouterr().err
-    assert "postgresql://optimsweep:***@127.0.0.1:9/db" in err and "s3cret" not in err
+    assert shown in err and "s3cret" not in err
+    assert ("Traceback" in err) == bool(debug)
 
 
 def test_a_sweep_prints_one_line_per_failed_trial_and_a_summary_that_adds_up(tmp_path,

@@ -274,3 +274,21 @@ def test_tracking_server_gone_past_store_timeout_stops_worker_then_next_sweep_re
     assert retry.state == TrialState.COMPLETE and retry.params == victim.params
     assert len(mlflow_runs(spec, "study")[1]) == 1
     workers.assert_no_password(servers)
+
+
+def test_a_password_given_as_a_query_parameter_is_never_stored_or_printed(servers, tmp_path):
+    """libpq's `?password=` form, written in the sweep file itself: the study works, and the
+    password is in no output, no database row and no artifact (the sweep file's copies
+    included)."""
+    workers = Workers(servers, tmp_path)
+    del workers.env["OPTIMSWEEP_STORAGE"]  # the file's own storage: URL below
+    storage = f"{servers.storage.split('?')[0]}?password={workers.password}"
+    sweep = server_sweep(tmp_path / "w", "query", n_trials=2, epochs=2, storage=storage)
+    code, err = workers.run("w", "--debug", "sweep", sweep.name, "--no-progress")
+    assert code == 0, err
+    spec = dataclasses.replace(load_spec(sweep), tracking_uri=workers.env["MLFLOW_TRACKING_URI"])
+    client, children, trials = assert_invariant(spec)
+    assert len(trials) == 2
+    (parent,) = mlflow_runs(spec, "study")[1]
+    assert parent.data.tags["optimsweep.storage"].endswith("?password=***")
+    workers.assert_no_password(servers)

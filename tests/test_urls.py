@@ -14,6 +14,18 @@ from optimsweep.util.urls import redact, redact_text
      "postgresql+psycopg://u:***@10.0.0.5/db?sslmode=require"),
     ("http://admin:hunter2@mlflow.lan:5000", "http://admin:***@mlflow.lan:5000"),
     ("postgresql://optuna@db.lan/studies", "postgresql://optuna@db.lan/studies"),
+    # libpq's other forms: the password as a query parameter, the client key's passphrase
+    ("postgresql://optuna@db.lan/studies?password=s3cret&sslmode=require",
+     "postgresql://optuna@db.lan/studies?password=***&sslmode=require"),
+    ("postgresql://optuna@db/x?sslmode=verify-full&sslpassword=k3y&PASSWORD=s3cret",
+     "postgresql://optuna@db/x?sslmode=verify-full&sslpassword=***&PASSWORD=***"),
+    ("host=db.lan user=optuna password='a s3cret' dbname=studies",
+     "host=db.lan user=optuna password=*** dbname=studies"),
+    ("postgresql://optuna@db/x?passfile=/home/me/.pgpass",
+     "postgresql://optuna@db/x?passfile=/home/me/.pgpass"),
+    # tokens of an http(s) tracking server: the userinfo alone, or a query parameter
+    ("https://ghp_T0KEN@mlflow.example.com", "https://***@mlflow.example.com"),
+    ("https://mlflow.example.com/?token=T0KEN&x=1", "https://mlflow.example.com/?token=***&x=1"),
     ("sqlite:///mlruns/mlflow.db", "sqlite:///mlruns/mlflow.db"),
     ("mlruns/optuna.journal", "mlruns/optuna.journal"),
 ])
@@ -22,6 +34,8 @@ def test_a_url_is_shown_without_its_password(url, shown):
 
 
 def test_a_password_inside_an_error_message_is_replaced():
+    assert "s3cret" not in redact_text('File "x.py", line 3, in open\n  storage = '
+                                       '"postgresql://u@h/db?password=s3cret"')
     text = ('(psycopg.OperationalError) connection to "postgresql://optuna:s3cret@db:5432/x" '
             "failed")
     assert redact_text(text) == ('(psycopg.OperationalError) connection to '

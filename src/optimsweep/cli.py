@@ -245,10 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
     except KeyboardInterrupt as exc:
         if "--debug" in argv:
-            traceback.print_exc()
+            _print_traceback()
         print("\ninterrupted: the unfinished trial is marked failed and does not count; "
               "run the same command again to resume", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
+    except Exception:  # a bug: its traceback, as Python would print it, less any secret
+        _print_traceback()
+        return 1
 
 
 def _run(argv: list[str]) -> int:
@@ -267,10 +270,15 @@ def _run(argv: list[str]) -> int:
         return _expected(StoreError(f"store: {describe(exc)}"), args.debug)
 
 
+def _print_traceback() -> None:
+    """--debug: the traceback, with every secret of a URL in it as ***."""
+    print(redact_text(traceback.format_exc()), end="", file=sys.stderr)
+
+
 def _expected(exc: Expected, debug: bool) -> int:
     """A failure a user can cause or meet: one line, no traceback (--debug shows it)."""
     if debug:
-        traceback.print_exc()
+        _print_traceback()
     print(f"error: {redact_text(str(exc))}", file=sys.stderr)
     return exc.exit_code
 

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 import torch
 
@@ -21,6 +22,7 @@ from optimsweep.run.repair import repair
 from optimsweep.run.study import attach, load_sweep_data
 from optimsweep.util import signals
 from optimsweep.util.terminal import quiet
+from optimsweep.util.urls import redact_text
 
 log = logging.getLogger("optimsweep")
 WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after SIGTERM
@@ -39,7 +41,7 @@ def run_worker(ref: StudyRef, deadline: float | None, n_workers: int,
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001  (the parent names this worker; --debug shows why)
         if debug:
-            raise
+            print(redact_text(traceback.format_exc()), end="", file=sys.stderr)
         print(f"error: {describe(exc) if not isinstance(exc, StoreError) else exc}",
               file=sys.stderr)
         sys.exit(3)
