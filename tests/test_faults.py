@@ -385,6 +385,30 @@ def test_a_deleted_tracking_database_is_refused_not_silently_replaced(tmp_path, 
     assert not (tmp_path / "exports").exists()
 
 
+def test_a_read_only_tracking_database_is_named_as_such_in_one_line(tmp_path):
+    """A real read-only file (immutable, so that root can't write it either): one line that
+    says so, exit 3, nothing of the study changed; writable again, the sweep goes on."""
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2})
+    run_sweep(load(path), progress=False)
+    db, journal = tmp_path / "mlruns" / "mlflow.db", tmp_path / "mlruns" / "optuna.journal"
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the read-only test: `chattr +i` needs root")
+        pytest.skip("`chattr +i` needs root and a file system that has it")
+    try:
+        before = (db.read_bytes(), len(load_study(load(path)).trials))
+        code, _, err = finish(start("sweep", path, "--n-trials", 3, cwd=tmp_path))
+        after = (db.read_bytes(), len(load_study(load(path)).trials))
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    assert code == 3 and len(err.strip().splitlines()) == 1, err
+    assert f"{db} is read-only" in err and "autoflush" not in err
+    assert after == before and journal.exists()
+    code, _, err = finish(start("sweep", path, "--n-trials", 3, cwd=tmp_path))
+    assert code == 0, err
+    assert_invariant(load(path), 3)
+
+
 def test_a_state_dict_replaced_by_a_malicious_pickle_is_never_executed(tmp_path, capsys):
     path = line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 1})
     study = run_sweep(load(path), progress=False)

@@ -43,6 +43,12 @@ def load(n_train=1200, n_test=300, features=8, classes=3, seed=0, as_datasets=Fa
 
 def wrong_shape():
     return torch.zeros(10, 8), torch.zeros(10)
+
+
+def with_nan():
+    (x, y), test = load(n_train=1200)
+    x[::240, 0] = float("nan")  # five readings lost by a sensor
+    return (x, y), test
 '''
 
 MODELS = '''
@@ -187,6 +193,8 @@ BAD = [
     ("data of the wrong shape", lambda d, m: {"data": {"factory": f"{d}:wrong_shape",
                                                        "kwargs": {}}},
      "data.factory", "should return ((x_train, y_train), (x_test, y_test))"),
+    ("NaN in the inputs", lambda d, m: {"data": {"factory": f"{d}:with_nan", "kwargs": {}}},
+     "data.factory", "non-finite values (NaN or infinity): 5 in the training inputs (x)"),
     ("validation bigger than the data", lambda d, m: {"data": {"val_size": 1200}},
      "data.val_size", "must be in [1, 1199]"),
 ]

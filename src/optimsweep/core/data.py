@@ -248,6 +248,18 @@ def _checked(ref: str, returned) -> tuple:
     return tuple(returned)
 
 
+def _check_finite(where: str, parts: dict[str, torch.Tensor]) -> None:
+    """NaN or infinite values in the data make every trial diverge, whatever its config:
+    say where they are before any study exists, not as a training failure of each trial."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in parts.items()
+           if t.is_floating_point() or t.is_complex()}
+    found = [f"{n} in the {name}" for name, n in bad.items() if n]
+    if found:
+        raise DataError(f"{where}: the data holds non-finite values (NaN or infinity): "
+                        f"{', '.join(found)}; every trial would diverge on them, so remove or "
+                        "impute them in the data factory")
+
+
 def _shape_of(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
@@ -319,6 +331,8 @@ def load_dataset(
             raise DataError(f"{where}: its Datasets' (x, y) items should be tensors or "
                             f"numbers (add a transform such as ToTensor): {exc}") from exc
     (x, y), (test_x, test_y) = train, test
+    _check_finite(where, {"training inputs (x)": x, "training targets (y)": y,
+                          "test inputs (x)": test_x, "test targets (y)": test_y})
     return Dataset(train_x=x[train_idx].to(device), train_y=y[train_idx].to(device),
                    val_x=x[val_idx].to(device), val_y=y[val_idx].to(device),
                    test_x=test_x.to(device), test_y=test_y.to(device),

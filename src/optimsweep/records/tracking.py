@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import shutil
 import socket
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,12 +39,12 @@ from optimsweep.records.schema import (
 from optimsweep.util import signals
 from optimsweep.util.atomic import create_sqlite_atomically
 from optimsweep.util.provenance import provenance
+from optimsweep.util.terminal import quiet_libraries
 from optimsweep.util.urls import redact, redact_text
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
-for _name in ("mlflow", "alembic"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+quiet_libraries()  # MLflow's import set its own logger to INFO
 # One small state_dict per download: a progress bar is only noise between our own lines.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow prints a "View run" link for every run a server closes: noise between our lines,
@@ -171,9 +171,22 @@ def _store_call(method):
                 self._http_retries = {  # so the worker stops within about store_timeout
                     **self._http_retries, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0,
                     "MLFLOW_HTTP_REQUEST_TIMEOUT": _GIVEN_UP_TIMEOUT}
-            raise StoreError(f"tracking store {redact(self.uri)}: {describe(exc)}") from exc
+            raise StoreError(f"tracking store {redact(self.uri)}: {_problem(self.uri, exc)}"
+                             ) from exc
 
     return call
+
+
+def _problem(uri: str, exc: BaseException) -> str:
+    """What went wrong, in the store's words where they say more than MLflow's wrapper."""
+    cause = exc
+    while cause is not None:
+        if isinstance(cause, sqlite3.OperationalError) and "readonly" in str(cause):
+            path = uri.removeprefix("sqlite:///")
+            return (f"{path} is read-only ({cause}); make it and its folder writable, or "
+                    "point tracking_uri at a store this user can write")
+        cause = cause.__cause__ or cause.__context__
+    return describe(exc)
 
 
 def _unreachable(exc: BaseException | None) -> bool:

@@ -14,6 +14,7 @@ import warnings
 from optimsweep.util.urls import redact_text
 
 LIBRARIES = ("mlflow", "alembic", "sqlalchemy", "urllib3")
+_library_level = logging.WARNING  # what `quiet` chose; MLflow resets its logger on import
 
 
 class NoteHandler(logging.Handler):
@@ -32,9 +33,17 @@ def quiet(debug: bool = False) -> None:
         logger.addHandler(NoteHandler())
     logger.propagate = False
     logger.setLevel(logging.DEBUG if debug else logging.INFO)  # workers ask it for --debug
+    global _library_level
+    _library_level = logging.NOTSET if debug else logging.CRITICAL
+    quiet_libraries()
     if debug:
         return
-    for name in LIBRARIES:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.simplefilter("ignore", DeprecationWarning)
     warnings.simplefilter("ignore", FutureWarning)
+
+
+def quiet_libraries() -> None:
+    """The libraries' loggers at the level `quiet` chose (WARNING if it was never called).
+    Called again once MLflow is imported: its import sets its logger to INFO."""
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(_library_level)
