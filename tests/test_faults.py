@@ -563,6 +563,34 @@ def test_ctrl_c_during_confirm_closes_its_run(tmp_path):
     assert_invariant(spec)
 
 
+WORKER_SIGNALS = """
+import os, signal
+from optimsweep.util import signals
+signals.stop_on_signals(once=True)  # as a worker does
+both = {signal.SIGINT, signal.SIGTERM}
+signal.pthread_sigmask(signal.SIG_BLOCK, both)
+os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C reaches the whole process group...
+os.kill(os.getpid(), signal.SIGTERM)  # ...and the parent passes SIGTERM on at once
+try:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+    sum(range(1000))
+except signals.Interrupted as exc:
+    print("stopped by", exc.signum)
+sum(range(1000))  # closing its trial: the second signal must not cut in
+print("closed")
+"""
+
+
+def test_a_worker_hit_by_ctrl_c_and_its_parents_sigterm_at_once_stops_quietly():
+    """Both signals pending together in a real process: the first stops it, the second is
+    ignored without Python's "Signal 15 ignored due to race condition" traceback (which
+    `--workers 3` and Ctrl-C printed once per worker)."""
+    done = subprocess.run([sys.executable, "-c", WORKER_SIGNALS], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.split() == ["stopped", "by", "2", "closed"]
+    assert done.returncode == 0 and done.stderr == ""
+
+
 def test_sigterm_to_a_sweep_with_workers_closes_every_workers_trial(tmp_path):
     """SIGTERM reaches only the parent: it passes it on, each worker closes its own trial,
     and nothing is left RUNNING."""

@@ -34,6 +34,10 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+def _ignore(signum, frame) -> None:
+    pass
+
+
 def stop_on_signals(*, once: bool = False) -> None:
     """Raise Interrupted in the main thread on SIGINT or SIGTERM. With `once`, a second
     signal is ignored, so the first one's clean-up (closing the runs) is not cut short: for
@@ -44,9 +48,11 @@ def stop_on_signals(*, once: bool = False) -> None:
     def handler(signum, frame):
         global _received, _deferred
         _received = signum
-        if once:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if once:  # a handler that does nothing, not SIG_IGN: a second signal already
+            # pending when this runs would make Python raise "Signal N ignored due to race
+            # condition" (Ctrl-C reaches every worker just before its parent's SIGTERM)
+            signal.signal(signal.SIGINT, _ignore)
+            signal.signal(signal.SIGTERM, _ignore)
         if _depth and _deferred is None:
             _deferred = signum
             return
