@@ -149,3 +149,51 @@ def test_export_never_replaces_a_folder_of_other_files(tiny_study, tmp_path, cap
     assert main(["export", str(tiny_study), "--out", str(tmp_path / "best")]) == 0  # again
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
         "config.yaml", "metrics.json", "state_dict.pt"]
+
+
+def test_export_warns_when_the_winner_is_the_baseline(tmp_path, capsys):
+    """The search offers only the baseline's learning rate and one far too small to learn
+    in 2 epochs: the baseline wins (a tie goes to the earlier trial), and export says the
+    search found nothing better."""
+    path = line_sweep(tmp_path, budget={"n_trials": 3, "epochs": 2},
+                      search_space={"optimizer": "sgd", "batch_size": 16,
+                                    "lr": {"type": "categorical", "choices": [1e-6, 0.05]}},
+                      baseline=[{"lr": 0.05}])
+    run_sweep(load(path), progress=False)
+    assert main(["export", str(path), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the winner, trial 0, is the study's baseline" in err
+
+
+NOISE = '''
+import torch
+
+
+def load(n=1500):
+    """Inputs that say nothing of the labels; 80% of the labels are class 0."""
+    g = torch.Generator().manual_seed(0)
+    def part(n):
+        return torch.randn(n, 8, generator=g), (torch.rand(n, generator=g) < 0.2).long() * 2
+    return part(n), part(300)
+'''
+
+
+def test_export_warns_when_the_winner_is_no_better_than_chance(tmp_path, capsys):
+    """No config can learn labels the inputs don't predict: the best validation accuracy is
+    that of always guessing the commonest class, and export says so."""
+    (tmp_path / "noise.py").write_text(NOISE)
+    path = line_sweep(tmp_path, "noise", budget={"n_trials": 2, "epochs": 2},
+                      task=None, model={"factory": "torch.nn:Linear",
+                                        "kwargs": {"in_features": 8, "out_features": 3}},
+                      data={"factory": "noise:load", "val_size": 500},
+                      loss="cross_entropy", metric="val_accuracy",
+                      search_space={"optimizer": "adam", "batch_size": 64,
+                                    "lr": {"type": "float", "low": 1e-3, "high": 1e-2}})
+    doc = yaml.safe_load(path.read_text())
+    doc.pop("task")
+    path.write_text(yaml.safe_dump(doc))
+    run_sweep(load(path), progress=False)
+    assert main(["export", str(path), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "validation accuracy: no better than chance (always guessing the commonest class" \
+        in err

@@ -163,6 +163,8 @@ def cmd_export(args) -> int:
     print("  state_dict.pt  its final weights (torch.load(..., weights_only=True))")
     print("  metrics.json   its metrics and provenance")
     print(f"reproduce: optimsweep train --config {done.folder / 'config.yaml'}")
+    for doubt in done.doubts:
+        print(f"warning: {doubt}", file=sys.stderr)
     return 0
 
 

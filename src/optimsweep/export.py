@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import torch
+from optuna.trial import TrialState
 
 from optimsweep.core.artifacts import load_state_dict
-from optimsweep.errors import SpecError, StoreError, describe
+from optimsweep.core.data import Dataset
+from optimsweep.core.train import load_data
+from optimsweep.errors import Expected, SpecError, StoreError, describe
 from optimsweep.records.schema import CONFIG_FILE, STATE_DICT, Attr, Ranking, Tag
 from optimsweep.records.tracking import config_yaml
 from optimsweep.report import ranked_complete_trials
@@ -30,6 +34,7 @@ class Export:
     trial: optuna.trial.FrozenTrial
     folder: Path
     reason: str
+    doubts: list[str] = field(default_factory=list)  # why the winner may be no good
 
 
 def chosen_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, str]:
@@ -95,4 +100,46 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return Export(trial, folder, reason)
+    return Export(trial, folder, reason, doubts(opened, trial, config))
+
+
+CHANCE_MARGIN = 0.02  # accuracy within 2 points of a constant guess is no better than chance
+
+
+def _chance_accuracy(config) -> float | None:
+    """What always guessing the commonest class scores on the validation split; None where
+    that can't be known cheaply (data not at hand here, or streamed)."""
+    try:
+        data = load_data(config)
+    except Expected:
+        return None
+    if not isinstance(data, Dataset) or not data.num_classes or not len(data.val_y):
+        return None
+    labels = data.val_y if not data.val_y.is_floating_point() else (data.val_y > 0.5).long()
+    return float(torch.bincount(labels.flatten().cpu()).max()) / labels.numel()
+
+
+def doubts(opened: OpenStudy, trial: optuna.trial.FrozenTrial, config) -> list[str]:
+    """Why the exported winner may be no good: it is the study's baseline, no better than
+    the baseline, or (accuracy) no better than always guessing the commonest class."""
+    spec, study, found = opened.spec, opened.study, []
+    maximize, metric = spec.direction == "maximize", spec.metric
+    baselines = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.user_attrs.get(Attr.BASELINE)]
+    if baselines:
+        base = (max if maximize else min)(baselines, key=lambda t: t.value)
+        if base.number == trial.number:
+            found.append(f"the winner, trial {trial.number}, is the study's baseline: no "
+                         "searched config did better")
+        elif not (trial.value > base.value if maximize else trial.value < base.value):
+            found.append(f"the winner, trial {trial.number} ({metric} {trial.value:.4f}), is "
+                         f"no better than the baseline, trial {base.number} "
+                         f"({base.value:.4f})")
+    if metric == "val_accuracy":
+        chance = _chance_accuracy(config)
+        if chance is not None and trial.value <= chance + CHANCE_MARGIN:
+            found.append(f"the winner, trial {trial.number}, reaches {100 * trial.value:.2f}% "
+                         f"validation accuracy: no better than chance (always guessing the "
+                         f"commonest class scores {100 * chance:.2f}%); every config may "
+                         "have failed to learn")
+    return found
