@@ -563,6 +563,31 @@ def test_ctrl_c_during_confirm_closes_its_run(tmp_path):
     assert_invariant(spec)
 
 
+def test_confirm_killed_then_run_again_reuses_the_seeds_that_finished(tmp_path, capsys):
+    """SIGKILL after the first seed's re-training finished, mid-second: the next confirm
+    trains only the seeds that did not finish, and each seed ends with one FINISHED run."""
+    path = slow_line(tmp_path, budget={"n_trials": 1, "epochs": 60})
+    spec = load(path)
+    run_sweep(spec, progress=False)
+    process = start("confirm", path, "--top-k", 1, "--seeds", 3, cwd=tmp_path)
+    first = wait_until(lambda: [r for r in mlflow_runs(spec, "confirm")[1]
+                                if r.info.status == "FINISHED"], timeout=90,
+                       what="a finished confirm run")[0]
+    wait_until(lambda: len(mlflow_runs(spec, "confirm")[1]) == 2, what="the second seed")
+    process.kill()
+    finish(process)
+    code, out, err = run_cli(capsys, "confirm", path, "--top-k", 1, "--seeds", 3)
+    assert code == 0, err
+    assert f"seed {first.data.tags['optimsweep.seed']}: val_loss" in out and \
+        f"(run {first.info.run_id}, finished earlier)" in out
+    runs = mlflow_runs(spec, "confirm")[1]
+    finished = sorted(r.data.tags["optimsweep.seed"] for r in runs
+                      if r.info.status == "FINISHED")
+    assert finished == ["1", "2", "3"]
+    assert [r.info.status for r in runs].count("FAILED") == 1  # the killed one, repaired
+    assert_invariant(spec)
+
+
 WORKER_SIGNALS = """
 import os, signal
 from optimsweep.util import signals

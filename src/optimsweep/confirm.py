@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from optimsweep.core.train import load_data
 from optimsweep.errors import SpecError
-from optimsweep.records.schema import Attr, Ranking, State, Tag
+from optimsweep.records.schema import CONFIRM_ROLE, Attr, Ranking, State, Tag
 from optimsweep.report import ranked_complete_trials
 from optimsweep.run.context import OpenStudy
 from optimsweep.run.life import run_confirmation
@@ -37,6 +37,18 @@ class Confirmation:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
 
+def _finished_runs(opened: OpenStudy) -> dict[tuple[int, int], object]:
+    """This study's finished confirm runs, by (trial number, seed): a re-training that
+    completed once is not trained again."""
+    found = {}
+    for run in opened.tracker.runs(opened.ref.experiment_id, CONFIRM_ROLE):
+        tags = run.data.tags
+        if (run.info.status == "FINISHED" and tags.get(Tag.PARENT) == opened.ref.parent_run_id
+                and opened.spec.metric in run.data.metrics):
+            found.setdefault((int(tags[Tag.TRIAL]), int(tags[Tag.SEED])), run)
+    return found
+
+
 def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> list[Confirmation]:
     """Re-train the top-k configs with `seeds` fresh seeds each; rank by the mean metric
     and remember the ranking (and which trials it covered) for `export`."""
@@ -50,11 +62,21 @@ def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> 
     fresh = [spec.seed + 1 + i for i in range(seeds)]  # never the seed the sweep used
     # The split all trials share.
     data = load_data(config_from_params(spec.base_config(), top[0].params))
+    finished = _finished_runs(opened)
     results = []
     for trial in top:
         confirmation = Confirmation(trial.number, trial.params, fresh, [], [])
         trained = config_from_params(spec.base_config(), trial.params)
         for seed in fresh:
+            earlier = finished.get((trial.number, seed))
+            if earlier is not None:  # a confirm that was stopped: what finished stays done
+                value = earlier.data.metrics[spec.metric]
+                confirmation.values.append(value)
+                if "test_accuracy" in earlier.data.metrics:
+                    confirmation.test_accuracies.append(earlier.data.metrics["test_accuracy"])
+                log(f"trial {trial.number} seed {seed}: {spec.metric} {value:.4f} (run "
+                    f"{earlier.info.run_id}, finished earlier)")
+                continue
             config = dataclasses.replace(trained, seed=seed)
             outcome = run_confirmation(opened, trial.number, config, trial.params, data)
             if outcome.state != State.COMPLETE:
