@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -407,6 +408,95 @@ def test_a_read_only_tracking_database_is_named_as_such_in_one_line(tmp_path):
     code, _, err = finish(start("sweep", path, "--n-trials", 3, cwd=tmp_path))
     assert code == 0, err
     assert_invariant(load(path), 3)
+
+
+def all_runs(spec) -> dict[str, tuple[str, str]]:
+    """Every run of the study's experiment, deleted ones too: id -> (lifecycle, status)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(spec.tracking_uri)
+    experiment = client.get_experiment_by_name(spec.name)
+    return {r.info.run_id: (r.info.lifecycle_stage, r.info.status) for r in client.search_runs(
+        [experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000)}
+
+
+@pytest.mark.parametrize("how, other_name", [("deleted", None), ("replaced", "other"),
+                                             ("replaced", "line")],
+                         ids=["deleted", "replaced-by-another-study",
+                              "replaced-by-a-same-named-study"])
+def test_a_journal_deleted_or_replaced_mid_sweep_stops_it_and_the_next_sweep_refuses(
+        tmp_path, how, other_name):
+    """The journal deleted, or another study's journal copied over it (in place: the same
+    inode), while a real sweep trains: the sweep stops with one line naming the file, its
+    trial's run FAILED, the study's run FAILED, nothing RUNNING, nothing deleted, nothing
+    written into the other study's journal. The next sweep refuses with one line and
+    changes nothing; with the journal restored (deleted case) it finishes the study."""
+    path = slow_line(tmp_path, budget={"n_trials": 3, "epochs": 60})
+    spec = load(path)
+    run_sweep(spec, n_trials=1, progress=False)  # a finished trial, its weights to keep
+    journal = tmp_path / "mlruns" / "optuna.journal"
+    if other_name is not None:
+        (tmp_path / "other").mkdir()  # the same-named one from the same sweep file
+        other_path = (slow_line(tmp_path / "other", budget={"n_trials": 3, "epochs": 60})
+                      if other_name == "line" else line_sweep(tmp_path / "other", other_name))
+        run_sweep(load(other_path), n_trials=1, progress=False)
+        other = (tmp_path / "other" / "mlruns" / "optuna.journal").read_bytes()
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    victim = wait_until(lambda: (t := running_trial(spec)) and t.number == 1
+                        and len(t.intermediate_values) >= 2 and t, timeout=90,
+                        what="trial 1 training")
+    backup = journal.read_bytes()
+    if how == "deleted":
+        journal.unlink()
+    else:
+        (tmp_path / "other.journal").write_bytes(other)
+        shutil.copyfile(tmp_path / "other.journal", journal)  # cp: rewritten in place
+    code, out, err = finish(process)
+
+    assert code == 3 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    word = "deleted" if how == "deleted" else "rewritten"
+    assert line.startswith(f"error: {journal}: the study's journal was {word}"), err
+    runs = all_runs(spec)
+    assert {stage for stage, _ in runs.values()} == {"active"}  # nothing deleted
+    assert "RUNNING" not in {status for _, status in runs.values()}
+    client, children = mlflow_runs(spec, "trial")
+    by_trial = {r.data.tags["optimsweep.trial_number"]: r for r in children}
+    assert by_trial["0"].info.status == "FINISHED"
+    assert "state_dict.pt" in [a.path for a in client.list_artifacts(by_trial["0"].info.run_id)]
+    assert by_trial["1"].info.run_id == victim.user_attrs["mlflow_run_id"]
+    assert by_trial["1"].info.status == "FAILED"
+    assert "journal was" in by_trial["1"].data.tags["optimsweep.error"]
+    assert set(by_trial) == {"0", "1"}  # no trial claimed from the lost journal
+    (parent,) = mlflow_runs(spec, "study")[1]
+    assert parent.info.status == "FAILED"
+    if how == "deleted":
+        assert not journal.exists()  # not created anew
+    else:
+        assert journal.read_bytes() == other  # nothing appended to the other study's journal
+
+    code, out, err = finish(start("sweep", path, "--no-progress", cwd=tmp_path))
+    assert code == 3 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert "restore" in line.lower() and "new name" in line, line
+    assert all_runs(spec) == runs
+    if how == "deleted":
+        assert not journal.exists()
+        assert "no study 'line'" in line and "lost them" in line
+    else:
+        assert journal.read_bytes() == other
+        assert [s.study_name for s in optuna.get_all_study_summaries(
+            optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+                str(journal))))] == [other_name]
+        return
+
+    journal.write_bytes(backup)  # restored: the study resumes and its records agree again
+    run_sweep(load(path), progress=False)
+    _, children, trials = assert_invariant(spec)
+    assert len(counted(trials)) == 3 and trials[1].user_attrs["interrupted"] is True
+    assert {r.info.run_id for r in children} >= {rid for rid, (stage, _) in runs.items()
+                                                 if rid != parent.info.run_id}
 
 
 def test_a_state_dict_replaced_by_a_malicious_pickle_is_never_executed(tmp_path, capsys):

@@ -28,8 +28,9 @@ SHIPPED = sorted([*ROOT.glob("sweeps/*.yaml"), *ROOT.glob("examples/*/sweep.yaml
 # their values.
 VOLATILE_TAGS = {"mlflow.parentRunId", "optimsweep.best_run_id", "mlflow.user",
                  "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
-                 "optimsweep.host", "optimsweep.pid", "git_commit", "python", "optimsweep",
-                 "torch", "torchvision", "optuna", "mlflow", "numpy", "pandas"}
+                 "optimsweep.host", "optimsweep.pid", "optimsweep.study_uid", "git_commit",
+                 "python", "optimsweep", "torch", "torchvision", "optuna", "mlflow", "numpy",
+                 "pandas"}
 
 
 def _golden(name: str, actual):

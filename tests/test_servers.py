@@ -17,6 +17,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 
 from optimsweep import services
 from optimsweep.records.tracking import Tracker
@@ -292,3 +293,88 @@ def test_a_password_given_as_a_query_parameter_is_never_stored_or_printed(server
     (parent,) = mlflow_runs(spec, "study")[1]
     assert parent.data.tags["optimsweep.storage"].endswith("?password=***")
     workers.assert_no_password(servers)
+
+
+def pause_outside_transactions(servers, process: subprocess.Popen) -> None:
+    """SIGSTOP the worker at a moment none of its connections is inside a transaction (a row
+    lock held by a stopped process would stall the worker that must fail its trial)."""
+    import psycopg
+
+    while True:
+        process.send_signal(signal.SIGSTOP)
+        with psycopg.connect(servers.database_url("postgres"), autocommit=True) as conn:
+            busy = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = 'optuna' "
+                                "AND application_name LIKE %s AND state <> 'idle'",
+                                (f"% pid {process.pid}",)).fetchone()[0]
+        if not busy:
+            return
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+
+
+def run_record(client, run_id: str) -> tuple:
+    """Everything a write into a run would change: status, end time, tags, every metric's
+    whole history."""
+    run = client.get_run(run_id)
+    history = {key: [(m.step, m.value, m.timestamp) for m in
+                     client.get_metric_history(run_id, key)] for key in run.data.metrics}
+    return run.info.status, run.info.end_time, dict(run.data.tags), run.data.params, history
+
+
+def test_a_worker_paused_past_the_grace_period_wakes_and_writes_nothing_to_its_taken_trial(
+        servers, tmp_path):
+    """Worker A is SIGSTOPped mid-trial past the heartbeat's grace period; worker B fails
+    A's trial, closes its run FAILED and retries its params. A, woken (SIGCONT), finds its
+    trial no longer its own: not one more write into that trial, its run or the study's
+    run; one `note:` line; it goes on (waits for the retry) and exits 0. The study's run
+    ends FINISHED."""
+    workers = Workers(servers, tmp_path)
+    beat = {"interval": 1, "grace_period": 3}
+    a = server_sweep(tmp_path / "a", "paused", n_trials=2, epochs=30, heartbeat=beat)
+    b = server_sweep(tmp_path / "b", "paused", n_trials=2, epochs=30, heartbeat=beat)
+    spec = workers.spec(a)
+    client = MlflowClient(spec.tracking_uri)
+    paused = workers.start("a", "sweep", a.name, "--no-progress")
+    other = None
+    try:
+        victim = wait_until(lambda: (t := running_trial(spec)) is not None
+                            and len(t.intermediate_values) >= 2 and t, timeout=90,
+                            what="a trial of A training")
+        pause_outside_transactions(servers, paused)
+        other = workers.start("b", "sweep", b.name, "--no-progress")
+        run_id = victim.user_attrs["mlflow_run_id"]
+
+        def taken_and_retried():
+            trials = load_study(spec).trials
+            return (trials[victim.number].state == TrialState.FAIL
+                    and client.get_run(run_id).info.status == "FAILED"
+                    and any(t.user_attrs.get("retry_of") == victim.number
+                            and t.state == TrialState.RUNNING for t in trials))
+
+        wait_until(taken_and_retried, timeout=60, what="B to fail A's trial and retry it")
+        closed = run_record(client, run_id)
+        assert "no heartbeat" in closed[2]["optimsweep.error"]
+        paused.send_signal(signal.SIGCONT)
+        code_a, err_a = workers.finish(paused)
+        code_b, err_b = workers.finish(other)
+    finally:
+        for p in (paused, other):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.communicate()
+
+    assert code_b == 0, err_b
+    assert code_a == 0 and "Traceback" not in err_a and "error" not in err_a, err_a
+    (note,) = [line for line in err_a.splitlines() if line.strip()]
+    assert note.startswith(f"note: trial {victim.number} was closed by another worker"), err_a
+    assert run_record(client, run_id) == closed  # not one write after it was closed
+    _, children, trials = assert_invariant(spec)
+    (parent,) = mlflow_runs(spec, "study")[1]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 2
+    failed = trials[victim.number]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["interrupted"]
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 2 and all(t.state == TrialState.COMPLETE for t in counted)

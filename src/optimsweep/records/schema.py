@@ -39,11 +39,13 @@ STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"
 
 
 class Tag:
-    """MLflow tag names. Every run: ROLE, STUDY. Child runs: TRIAL, STATE, HOST, PID (which
-    process owns it, so a later command can close it if that process died), ERROR."""
+    """MLflow tag names. Every run: ROLE, STUDY, STUDY_UID (studies made by earlier versions
+    have none until this version first opens them). Child runs: TRIAL, STATE, HOST, PID
+    (which process owns it, so a later command can close it if that process died), ERROR."""
 
     ROLE = "optimsweep.role"
     STUDY = "optimsweep.study"
+    STUDY_UID = "optimsweep.study_uid"  # the identity of the study it belongs to (Attr.STUDY_UID)
     TRIAL = "optimsweep.trial_number"
     STATE = "optimsweep.state"
     HOST = "optimsweep.host"
@@ -87,6 +89,8 @@ class Attr:
     RETRIES = "retries"
     EPOCHS_RUN = "epochs_run"
     # the study's
+    STUDY_UID = "study_uid"  # given when the study is created: its runs carry it as a tag, so
+    # a repair deletes only runs it can prove are this very study's (not a same-named one's)
     FINGERPRINT = "fingerprint"
     SWEEP_FILE = "sweep_file"
     SWEEP_TEXT = "sweep_text"  # redacted: `export STUDY` works without the file

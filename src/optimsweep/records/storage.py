@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
 from optimsweep.errors import StoreError, describe
 from optimsweep.records.optuna_adapter import (
@@ -89,14 +90,71 @@ def is_journal(url: str) -> bool:
     return "://" not in url
 
 
+class JournalFile:
+    """The journal file this process opened, known by identity: its inode, its first line
+    (the study store's creation, with Optuna's random worker id in it) and the last whole
+    line read so far. Optuna reads and appends by path, at offsets it remembers: a journal
+    deleted or replaced under a running sweep would be appended to anew (every claim then
+    got the same trial id) or read at another file's offsets. `check` finds that out."""
+
+    _MARK = 64  # bytes before the last known line end, compared at each check
+
+    def __init__(self, path: Path):
+        self.path = path
+        stat = os.stat(path)
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._head = b""  # the first line, once the file has one
+        self._end, self._mark = 0, b""  # a line end known to be in the file, and before it
+        self._lost: StoreError | None = None
+        self.check()
+
+    def _fail(self, what: str) -> StoreError:
+        self._lost = StoreError(
+            f"{self.path}: the study's journal was {what} while this sweep ran; stopped "
+            "without writing more to it. Restore the file (the study's records are in it) or "
+            "give the sweep a new name")
+        return self._lost
+
+    def check(self) -> None:
+        """Raise StoreError (each time, once found) when the file at `path` is no longer
+        the one opened: deleted, moved over, rewritten in place or cut short."""
+        if self._lost is not None:
+            raise self._lost
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise self._fail("deleted") from None
+        try:
+            stat = os.fstat(fd)
+            if (stat.st_dev, stat.st_ino) != self._identity:
+                raise self._fail("replaced by another file")
+            if stat.st_size < self._end or (
+                    self._head and os.pread(fd, len(self._head), 0) != self._head) or (
+                    self._mark and os.pread(fd, len(self._mark), self._end - len(self._mark))
+                    != self._mark):
+                raise self._fail("rewritten (another journal copied over it?)")
+            if not self._head:
+                first = os.pread(fd, 1 << 16, 0)
+                self._head = first[:first.find(b"\n") + 1] if b"\n" in first else b""
+            tail = os.pread(fd, 4096, max(0, stat.st_size - 4096))
+            if b"\n" in tail:  # a torn last line (no newline yet) may still be set aside
+                self._end = max(0, stat.st_size - 4096) + tail.rfind(b"\n") + 1
+                self._mark = tail[:tail.rfind(b"\n") + 1][-self._MARK:]
+        finally:
+            os.close(fd)
+
+
 class _FlockLock(BaseJournalFileLock):
     """Optuna's journal lock, held with flock: released by the kernel if its holder dies,
     where Optuna's symlink lock would stall every other process for its 30 s grace period.
     Whoever holds it first sets aside a torn last line, so no append ever lands on one (a
-    process that opened the journal before a crash elsewhere would otherwise do just that)."""
+    process that opened the journal before a crash elsewhere would otherwise do just that).
+    With `watch`, every append first checks the journal is still the one opened: nothing is
+    ever written into a new file or another study's journal."""
 
-    def __init__(self, journal: Path):
+    def __init__(self, journal: Path, watch: JournalFile | None = None):
         self._journal, self._path, self._fd = journal, _lock_path(journal, "append"), None
+        self._watch = watch
 
     def acquire(self) -> bool:
         import fcntl
@@ -105,6 +163,8 @@ class _FlockLock(BaseJournalFileLock):
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._watch is not None:
+                self._watch.check()
             _set_torn_tail_aside(self._journal)
         except BaseException:
             os.close(fd)
@@ -248,9 +308,11 @@ def _one_at_a_time(url: str, what: str, application_name: str) -> Iterator[None]
         engine.dispose()
 
 
-def open_storage(url: str, resilience: Resilience | None = None) -> optuna.storages.BaseStorage:
+def open_storage(url: str, resilience: Resilience | None = None,
+                 watch: list[JournalFile] | None = None) -> optuna.storages.BaseStorage:
     """A URL (postgresql://, sqlite:///) is an RDB; anything else is a journal file path,
-    which several local worker processes can share safely (SQLite can't)."""
+    which several local worker processes can share safely (SQLite can't). A journal's
+    `JournalFile` is appended to `watch` when given: then every append checks it."""
     try:
         if not is_journal(url):
             if url.startswith("sqlite:///"):
@@ -260,7 +322,11 @@ def open_storage(url: str, resilience: Resilience | None = None) -> optuna.stora
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         _set_torn_tail_aside_now(path)  # else Optuna would silently drop that last record
-        backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=_FlockLock(path))
+        if watch is not None:
+            path.touch()  # Optuna creates it too; its identity is taken before anything is read
+            watch.append(JournalFile(path))
+        backend = optuna.storages.journal.JournalFileBackend(
+            str(path), lock_obj=_FlockLock(path, watch[0] if watch else None))
         try:
             return optuna.storages.JournalStorage(backend)
         except ValueError as exc:  # json's errors are ValueErrors, and so is Optuna's own
@@ -282,8 +348,27 @@ class StudyStorage:
     def __init__(self, url: str, resilience: Resilience | None = None):
         self.url = url
         self.resilience = resilience or Resilience()
-        self.optuna = open_storage(url, self.resilience)
+        watch: list[JournalFile] = []
+        self.optuna = open_storage(url, self.resilience, watch)
+        self.journal = watch[0] if watch else None  # the journal file opened, by identity
         self._gave_up = False  # the database stayed away for a whole store_timeout once
+
+    def check_intact(self) -> None:
+        """Raise StoreError once the journal opened was deleted or replaced (a server or
+        SQLite database: nothing to check). Called under the study lock at each claim and
+        repair, before each epoch's writes; every append checks it too."""
+        if self.journal is not None:
+            self.journal.check()
+
+    def still_running(self, trial_id: int) -> bool:
+        """False once the trial was finished by another process (on a server storage,
+        whose heartbeat lets another worker fail a trial silent for the grace period: this
+        process was paused or cut off that long). Elsewhere only a process that has ended
+        loses its trials, so no read is spent on it. Raises StoreError for a lost journal."""
+        self.check_intact()
+        if not self.heartbeat_enabled:
+            return True
+        return self.call(self.optuna.get_trial, trial_id).state == TrialState.RUNNING
 
     @property
     def heartbeat_enabled(self) -> bool:
@@ -302,6 +387,8 @@ class StudyStorage:
             except (StoreError, KeyboardInterrupt):
                 raise
             except Exception as exc:
+                if self.journal is not None:
+                    self.journal.check()  # a journal lost under Optuna: say that, not its error
                 lost = _lost_connection(exc)
                 if not (retry and lost and not self._gave_up
                         and time.monotonic() + pause < deadline):
@@ -375,6 +462,8 @@ class StudyStorage:
         def beat() -> None:
             while not stop.wait(storage.get_heartbeat_interval()):
                 try:
+                    if storage.get_trial(trial_id).state != TrialState.RUNNING:
+                        return  # failed by another worker while this process was paused
                     storage.record_heartbeat(trial_id)
                 except Exception as exc:  # noqa: BLE001
                     log.debug(f"heartbeat of trial id {trial_id} missed: {describe(exc)}")

@@ -29,6 +29,7 @@ from optimsweep.core.usercode import code_version
 from optimsweep.errors import StoreError, describe
 from optimsweep.records.schema import (
     CONFIG_FILE,
+    CONFIRM_ROLE,
     STATE_DICT,
     STUDY_ROLE,
     TRACEBACK_FILE,
@@ -243,6 +244,23 @@ class Tracker:
         return [r for r in found if r.data.tags.get(Tag.ROLE) == role]
 
     @_store_call
+    def study_records(self, study_name: str) -> tuple[str, int] | None:
+        """The study's parent run and how many child runs (trials, confirms) it holds, or
+        None when the store has no parent run of that name. Creates nothing."""
+        experiment = self.client.get_experiment_by_name(study_name)
+        if experiment is None or experiment.lifecycle_stage == "deleted":
+            return None
+        parents = [r for r in self.runs(experiment.experiment_id, STUDY_ROLE)
+                   if r.data.tags.get(Tag.STUDY) == study_name]
+        if not parents:
+            return None
+        ids = {r.info.run_id for r in parents}
+        children = [r for role in (TRIAL_ROLE, CONFIRM_ROLE)
+                    for r in self.runs(experiment.experiment_id, role)
+                    if r.data.tags.get(Tag.PARENT) in ids]
+        return min(parents, key=lambda r: r.info.start_time).info.run_id, len(children)
+
+    @_store_call
     def run(self, run_id: str):
         """The run, or None when the store no longer has it."""
         try:
@@ -359,6 +377,10 @@ class Tracker:
         another process closed it)."""
         if self.client.get_run(run_id).info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
+
+    @_store_call
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
 
     @_store_call
     def set_status(self, run_id: str, status: str) -> None:

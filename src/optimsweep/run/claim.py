@@ -95,13 +95,14 @@ def _seeded_sampler(spec: Spec, n_trials_so_far: int) -> optuna.samplers.BaseSam
 
 
 def claim_trial(opened: OpenStudy) -> Claim:
-    """Under the study lock: close trials of ended processes, and if the budget has room,
-    ask Optuna for the next trial. Signals wait until the trial says which process owns it.
-    Inside the lock no call is retried: the lock lives on a database connection, and a lost
-    connection loses it."""
+    """Under the study lock: check the journal is still the one opened, close trials of
+    ended processes, and if the budget has room, ask Optuna for the next trial. Signals
+    wait until the trial says which process owns it. Inside the lock no call is retried:
+    the lock lives on a database connection, and a lost connection loses it."""
     study, storage, spec = opened.study, opened.storage, opened.spec
     signals.check()
     with opened.lock():
+        storage.check_intact()  # a journal deleted or replaced since: stop, write nothing
         fail_stale_trials(opened)
         counted = counted_trials(study)
         if len(counted) >= opened.ref.n_trials:

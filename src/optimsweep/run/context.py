@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import optuna
 
+from optimsweep.records.schema import Tag
 from optimsweep.records.storage import StudyStorage
 from optimsweep.records.tracking import Tracker
 from optimsweep.sweep.spec import Spec
@@ -23,6 +24,12 @@ class StudyRef:
     experiment_id: str
     parent_run_id: str
     n_trials: int  # the budget this invocation runs up to (`--n-trials` or the file's)
+    study_uid: str | None = None  # the study's identity (None: made by an earlier version
+    # and opened read-only since)
+
+    def run_tags(self) -> dict[str, str]:
+        """The tags that say which study a run belongs to, beyond its name."""
+        return {Tag.STUDY_UID: self.study_uid} if self.study_uid else {}
 
 
 @dataclass

@@ -31,6 +31,19 @@ from optimsweep.sweep.space import suggest_config
 from optimsweep.util import signals
 
 
+class TrialTaken(Exception):
+    """The trial is no longer this process's: another one finished it (on a server storage,
+    a worker silent for the grace period has its trial failed and retried elsewhere). Its
+    records are that process's now: nothing more is written to the trial, its run or the
+    study's run, and the message is the note this process prints before going on."""
+
+    def __init__(self, trial: optuna.Trial):
+        super().__init__(
+            f"trial {trial.number} was closed by another worker while this one was paused or "
+            "cut off for the heartbeat grace period; its params are retried there, its run "
+            "is left as that worker closed it, and this worker goes on with new trials")
+
+
 @dataclass
 class Outcome:
     """How a trial (or a confirm run) ended. `counted` is False when the trial could not
@@ -43,17 +56,21 @@ class Outcome:
     counted: bool = False
     test_accuracy: float | None = None
     run_id: str | None = None  # its MLflow run, once created
+    taken: str | None = None  # TrialTaken's note: not this process's to record any more
 
     def end(self, **how) -> None:
         """Record how it ended; what `how` leaves out takes the defaults above (failed,
         interrupted, not counted)."""
-        vars(self).update(vars(Outcome(**how, run_id=self.run_id)))
+        vars(self).update(vars(Outcome(**how, run_id=self.run_id, taken=self.taken)))
 
 
 def _record_failure(outcome: Outcome, exc: BaseException) -> bool:
     """Record how `exc` ended a trial or run; True when it must go on up and stop the sweep
     (Ctrl-C/SIGTERM, a store failure). Anything else is the trial's own failure: counted,
-    with its traceback."""
+    with its traceback. A trial taken by another process records nothing (TrialTaken)."""
+    if isinstance(exc, TrialTaken):
+        outcome.taken = str(exc)
+        return False
     if isinstance(exc, KeyboardInterrupt):
         outcome.end()  # failed, interrupted, not counted
         return True
@@ -73,7 +90,9 @@ def owned_run(tracker: Tracker, start: Callable[[], str],
     closed in the outcome's state (after `before_close(outcome)`, which tells Optuna). Any
     exception of the block fails the run and is swallowed, except Ctrl-C/SIGTERM and store
     failures, which fail it and go on up to stop the sweep. A Ctrl-C that comes while the
-    run is created closes it too: it is raised once this function owns the run."""
+    run is created closes it too: it is raised once this function owns the run. A trial
+    found taken by another process (TrialTaken, from the block or `before_close`) is
+    neither told nor closed: that process closed both; `outcome.taken` says so."""
     outcome, propagating = Outcome(), False
     try:
         with signals.held():
@@ -89,10 +108,12 @@ def owned_run(tracker: Tracker, start: Callable[[], str],
         problems = []
         for close in (before_close, lambda o: tracker.finish_run(o.run_id, o.state, o.error,
                                                                  o.traceback)):
-            if close is None or outcome.run_id is None:
+            if close is None or outcome.run_id is None or outcome.taken:
                 continue
             try:
                 close(outcome)
+            except TrialTaken as exc:
+                outcome.taken = str(exc)
             except Exception as exc:  # noqa: BLE001  (reconcile repairs it next time)
                 problems.append(exc)
         if problems and not propagating:
@@ -186,7 +207,7 @@ def _run_group(opened: OpenStudy, group: list[_Member], data) -> None:
 def _start_run(opened: OpenStudy, member: _Member, group_size: int, device) -> str:
     trial, retry_of = member.trial, member.trial.user_attrs.get(Attr.RETRY_OF)
     ref = opened.ref
-    tags = {Tag.DEVICE: str(device), Tag.FUSED: str(group_size)}
+    tags = {Tag.DEVICE: str(device), Tag.FUSED: str(group_size), **ref.run_tags()}
     if member.config is not None:
         tags[Tag.PRECISION] = train.resolve_precision(member.config.precision, device)
     if retry_of is not None:
@@ -204,50 +225,67 @@ def _on_epoch(opened: OpenStudy, member: _Member):
 
     def on_epoch(stats) -> bool:
         signals.check()  # a Ctrl-C whose first raise Python dropped stops here
+        _check_mine(opened, trial)
         opened.tracker.log_epoch(member.run_id, stats)
         value = stats.value(metric)
         if not math.isfinite(value):
             raise DivergedError(stats.epoch, 0, value, what=metric)
-        storage.call(trial.report, value, stats.epoch)
+        _trial_write(opened, trial, trial.report, value, stats.epoch)
         # After the last epoch there is nothing left to save by pruning.
         return stats.epoch < config.epochs and storage.call(trial.should_prune)
 
     return on_epoch
 
 
+def _check_mine(opened: OpenStudy, trial: optuna.Trial) -> None:
+    """Before writing into a trial or its run: still this process's (one read on a server
+    storage, a look at the journal file otherwise)? Raises TrialTaken, or StoreError when
+    the journal was deleted or replaced."""
+    if not opened.storage.still_running(trial_id(trial)):
+        raise TrialTaken(trial)
+
+
+def _trial_write(opened: OpenStudy, trial: optuna.Trial, fn, *args, **kwargs):
+    """A write into the trial; Optuna refusing it as finished (another worker failed it
+    since the last check) means the trial was taken."""
+    try:
+        return opened.storage.call(fn, *args, **kwargs)
+    except StoreError as exc:
+        if isinstance(exc.__cause__, optuna.exceptions.UpdateFinishedTrialError):
+            raise TrialTaken(trial) from exc
+        raise
+
+
 def _finish(opened: OpenStudy, member: _Member, result) -> None:
+    _check_mine(opened, member.trial)
     opened.tracker.log_result(member.run_id, result)
     for key, value in (("test_loss", result.test_loss),
                        ("test_accuracy", result.test_accuracy), *result.test_extra.items(),
                        (Attr.EPOCHS_RUN, len(result.history))):
         if value is not None:
-            opened.storage.call(member.trial.set_user_attr, key, value)
+            _trial_write(opened, member.trial, member.trial.set_user_attr, key, value)
     member.outcome.end(state=State.PRUNED if result.stopped_early else State.COMPLETE,
                        value=result.final.value(opened.spec.metric), error=None, counted=True,
                        test_accuracy=result.test_accuracy)
 
 
 def _tell(opened: OpenStudy, trial: optuna.Trial, outcome: Outcome) -> None:
-    """Tell Optuna how the trial ended (before its run is closed: Optuna is the truth)."""
-    storage = opened.storage
+    """Tell Optuna how the trial ended (before its run is closed: Optuna is the truth).
+    A trial another process finished meanwhile is not told (TrialTaken); a lost journal is
+    not written to (StoreError: the run is still closed, with the reason)."""
+    _check_mine(opened, trial)
     if outcome.state == State.FAILED:  # it may have failed before its params were logged
         try:
             opened.tracker.log_missing_params(outcome.run_id, trial.params)
         except StoreError:
             pass  # the state below matters more; the error says what happened
     if outcome.error:
-        storage.call(trial.set_user_attr, Attr.ERROR, outcome.error[:2000])
+        _trial_write(opened, trial, trial.set_user_attr, Attr.ERROR, outcome.error[:2000])
     if not outcome.counted:
-        storage.call(trial.set_user_attr, Attr.INTERRUPTED, True)
+        _trial_write(opened, trial, trial.set_user_attr, Attr.INTERRUPTED, True)
     value = outcome.value if outcome.state == State.COMPLETE else None
-    try:
-        storage.call(opened.study.tell, trial, value, state=outcome.state.trial_state)
-    except StoreError as exc:
-        if isinstance(exc.__cause__, optuna.exceptions.UpdateFinishedTrialError):
-            raise StoreError(f"trial {trial.number} was failed by another worker (no "
-                             "heartbeat reached the study storage for its grace period); its "
-                             "params are retried there") from exc
-        raise
+    _trial_write(opened, trial, opened.study.tell, trial, value,
+                 state=outcome.state.trial_state)
 
 
 def run_confirmation(opened: OpenStudy, trial_number: int, config: TrainConfig,
@@ -257,7 +295,7 @@ def run_confirmation(opened: OpenStudy, trial_number: int, config: TrainConfig,
     start = functools.partial(
         tracker.start_run, ref.experiment_id, ref.parent_run_id, ref.spec.name, trial_number,
         role=CONFIRM_ROLE, run_name=f"confirm trial {trial_number:03d} seed {config.seed}",
-        tags={Tag.SEED: str(config.seed)})
+        tags={Tag.SEED: str(config.seed), **ref.run_tags()})
     with owned_run(tracker, start) as outcome:
         run_id = outcome.run_id
         tracker.log_config(run_id, config, sampled)

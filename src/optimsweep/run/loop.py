@@ -3,6 +3,7 @@ or the deadline passes."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from optimsweep.core.train import default_fuse
@@ -11,6 +12,8 @@ from optimsweep.run.claim import claim
 from optimsweep.run.context import OpenStudy
 from optimsweep.run.life import run_trials
 from optimsweep.run.progress import Progress, say
+
+log = logging.getLogger("optimsweep")
 
 
 def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
@@ -31,7 +34,9 @@ def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
                 continue
             for trial, outcome in zip(got.trials, run_trials(opened, got.trials, data),
                                       strict=True):
-                if outcome.state == State.FAILED:
+                if outcome.taken:  # nothing of it is ours to record any more
+                    log.warning(outcome.taken)
+                elif outcome.state == State.FAILED:
                     say(f"trial {trial.number} failed: {outcome.error}")
             if bar is not None:
                 bar.update()

@@ -78,7 +78,7 @@ def _fail_with_run(opened: OpenStudy, trial: optuna.trial.FrozenTrial, reason: s
         None)
     if run_id is None:
         run_id = tracker.start_run(ref.experiment_id, ref.parent_run_id, ref.spec.name,
-                                   trial.number)
+                                   trial.number, tags=ref.run_tags())
     tracker.log_missing_params(run_id, trial.params)  # it may have died before logging them
     tid = trial_id(trial)
     for key, value in ((Attr.RUN_ID, run_id), (Attr.INTERRUPTED, True), (Attr.ERROR, reason)):
@@ -126,11 +126,41 @@ def _close_leftover_waiting(opened: OpenStudy) -> list[str]:
     return notes
 
 
+def provably_ours(run, ref) -> bool:
+    """True only for a run this very study made: a child of its parent run carrying its
+    identity. Runs of studies made by earlier versions (no identity) never are, nor are
+    those of an earlier study of the same name whose records the study storage lost."""
+    tags = run.data.tags
+    return bool(ref.study_uid) and tags.get(Tag.PARENT) == ref.parent_run_id and \
+        tags.get(Tag.STUDY_UID) == ref.study_uid
+
+
+def _orphan(opened: OpenStudy, run) -> str | None:
+    """A trial run no trial names. Deleted only when it is provably this study's and was
+    never closed by its process (a crash between creating the run and recording it in the
+    trial); any other is kept: a RUNNING one of an ended process closed FAILED, the rest
+    left as they are (a run closed with a verdict was told to Optuna first: its trial's
+    record was lost, not never made). Returns the note, if anything was done."""
+    tags, run_id = run.data.tags, run.info.run_id
+    if provably_ours(run, opened.ref) and tags.get(Tag.STATE) == State.RUNNING.word:
+        opened.tracker.delete_run(run_id, "belongs to no Optuna trial (its trial's record "
+                                  "was lost in a crash)")
+        return f"run {run_id}: belonged to no trial; deleted"
+    if run.info.status == "RUNNING" and owner_gone(tags.get(Tag.HOST), tags.get(Tag.PID)):
+        reason = ("interrupted: its process ended, and no trial in the study storage names "
+                  "this run; kept")
+        opened.tracker.finish_run(run_id, State.FAILED, error=reason)
+        return f"run {run_id}: no trial names it and its process had ended; failed, kept"
+    return None
+
+
 def reconcile(opened: OpenStudy, *, close_parent: bool = False) -> list[str]:
     """Make MLflow match Optuna after whatever ended the last command: stale trials failed,
     every finished trial's run in the matching state, runs of dead processes closed, runs
-    that belong to no trial deleted. Returns one note per repair."""
+    that provably belong to this study and to no trial deleted (`_orphan`). Returns one
+    note per repair. Refuses (StoreError) a journal that is no longer the one opened."""
     study, tracker, ref = opened.study, opened.tracker, opened.ref
+    opened.storage.check_intact()
     notes = [f"trial {n}: its process had ended; marked failed (interrupted, not counted)"
              for n in fail_stale_trials(opened)]
     notes += _close_leftover_waiting(opened)
@@ -138,6 +168,7 @@ def reconcile(opened: OpenStudy, *, close_parent: bool = False) -> list[str]:
     runs = tracker.runs(ref.experiment_id, TRIAL_ROLE)
     by_number = {str(t.number): t for t in trials}
     run_ids = {t.user_attrs.get(Attr.RUN_ID) for t in trials}
+    kept = []
     for run in runs:
         tags, run_id = run.data.tags, run.info.run_id
         trial = by_number.get(tags.get(Tag.TRIAL))
@@ -145,9 +176,11 @@ def reconcile(opened: OpenStudy, *, close_parent: bool = False) -> list[str]:
             if trial is not None and trial.state == TrialState.RUNNING and \
                     not is_stale(trial, opened.live):
                 continue  # a live process is between creating the run and recording it
-            tracker.delete_run(run_id, "belongs to no Optuna trial (its trial's record was "
-                               "lost in a crash)")
-            notes.append(f"run {run_id}: belonged to no trial; deleted")
+            note = _orphan(opened, run)
+            if note is not None:
+                notes.append(note)
+            else:
+                kept.append(run_id)
             continue
         if trial is None or not trial.state.is_finished():
             continue
@@ -169,6 +202,9 @@ def reconcile(opened: OpenStudy, *, close_parent: bool = False) -> list[str]:
     if missing:
         notes.append(f"trials {', '.join(map(str, missing[:10]))}: their MLflow runs are "
                      "missing from the tracking store (deleted?)")
+    if kept:
+        notes.append(f"runs {', '.join(kept[:5])}{' …' if len(kept) > 5 else ''}: no trial "
+                     "in the study storage names them; kept, not deleted")
     if close_parent and not any(t.state == TrialState.RUNNING for t in trials):
         parent = tracker.run(ref.parent_run_id)
         if parent is not None and parent.info.status == "RUNNING" and owner_gone(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 from pathlib import Path
 
 import optuna
@@ -48,18 +49,48 @@ def _lost_records(study: optuna.Study, spec: Spec, uri: str) -> StoreError:
 
 def _open_tracking(study: optuna.Study | None, spec: Spec) -> Tracker:
     """The study's tracking store, refusing one that lost the study's records (mlflow.db
-    deleted or replaced): carrying on would leave trials whose weights can't be found.
-    A missing SQLite file is refused before it would be created anew."""
+    deleted or replaced), or whose parent run is another same-named study's: carrying on
+    would leave trials whose weights can't be found. A missing SQLite file is refused
+    before it would be created anew."""
     uri = resolve_tracking_uri(spec.tracking_uri)
     parent = study.user_attrs.get(Attr.PARENT_RUN_ID) if study is not None else None
     if parent and uri.startswith("sqlite:///") and \
             not Path(uri.removeprefix("sqlite:///")).is_file():
         raise _lost_records(study, spec, uri)
     tracker = Tracker(uri, store_timeout=spec.resilience.store_timeout)
-    if parent and (tracker.experiment_id(spec.name, create=False) is None
-                   or tracker.run(parent) is None):
+    run = tracker.run(parent) if parent else None
+    if parent and (tracker.experiment_id(spec.name, create=False) is None or run is None):
         raise _lost_records(study, spec, uri)
+    uid, theirs = (study.user_attrs.get(Attr.STUDY_UID) if study is not None else None,
+                   run.data.tags.get(Tag.STUDY_UID) if run is not None else None)
+    if uid and theirs and uid != theirs:
+        raise StoreError(
+            f"tracking store {redact(uri)}: the parent run {parent} of study {spec.name!r} "
+            "belongs to another study of that name (its identity differs): the study storage "
+            "or the tracking store was replaced. Restore the one the study used, or give the "
+            "sweep a new name")
     return tracker
+
+
+def _existing_tracker(spec: Spec) -> Tracker | None:
+    """The tracking store, if it exists: a SQLite file that doesn't is not created."""
+    uri = resolve_tracking_uri(spec.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return Tracker(uri, store_timeout=spec.resilience.store_timeout)
+
+
+def _refuse_records_without_study(tracker: Tracker, spec: Spec, storage_url: str) -> None:
+    """A new study is never created over an earlier one's records: the study storage has
+    no study of this name, but the tracking store holds its parent run with child runs (a
+    journal deleted or replaced). Its repair would find runs of no trial."""
+    found = tracker.study_records(spec.name)
+    if found is not None and found[1]:
+        raise StoreError(
+            f"study storage {redact(storage_url)} has no study {spec.name!r}, but tracking "
+            f"store {redact(tracker.uri)} holds its records (parent run {found[0]} with "
+            f"{found[1]} runs): the study storage lost them (deleted or replaced?). Restore "
+            "it, or give the sweep a new name; nothing was created")
 
 
 def _load(storage: StudyStorage, spec: Spec) -> optuna.Study:
@@ -76,6 +107,10 @@ def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> 
     if workers > 1 and storage_url.startswith("sqlite"):
         raise SpecError(f"{spec.path}: storage: SQLite can't serve {workers} parallel workers; "
                         "use a journal file path (the default) or a PostgreSQL URL")
+    if is_journal(storage_url) and not Path(storage_url).exists():
+        tracker = _existing_tracker(spec)  # a journal lost under its records is not made anew
+        if tracker is not None:
+            _refuse_records_without_study(tracker, spec, storage_url)
     storage = StudyStorage(storage_url, spec.resilience)
     sweep_text = redact_text(spec.text)  # a password written in the file is not kept
     with storage.lock(spec.name):
@@ -87,12 +122,16 @@ def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> 
             _check_fingerprint(study, spec)
         tracker = _open_tracking(study, spec)
         if study is None:
+            _refuse_records_without_study(tracker, spec, storage_url)
             optuna.create_study(study_name=spec.name, storage=storage.optuna,
                                 direction=spec.direction)
             study = _load(storage, spec)
             study.set_user_attr(Attr.FINGERPRINT, spec.fingerprint())
             study.set_user_attr(Attr.SWEEP_FILE, str(spec.path))
             study.set_user_attr(Attr.SWEEP_TEXT, sweep_text)  # `export STUDY` needs no file
+        if Attr.STUDY_UID not in study.user_attrs:  # new, or made by an earlier version
+            study.set_user_attr(Attr.STUDY_UID, uuid.uuid4().hex)
+        uid = study.user_attrs[Attr.STUDY_UID]
         experiment_id = tracker.experiment_id(spec.name)
         parent = tracker.study_run(
             experiment_id, spec.name, sweep_text=sweep_text, sweep_file=str(spec.path),
@@ -103,11 +142,11 @@ def open_study(spec: Spec, *, workers: int = 1, n_trials: int | None = None) -> 
                   Tag.METRIC: f"{spec.direction} {spec.metric}",
                   Tag.STORAGE: redact(storage_url),
                   Tag.HOST: socket.gethostname(), Tag.PID: os.getpid(),  # the last to open it
-                  Tag.FINGERPRINT: spec.fingerprint()})
+                  Tag.FINGERPRINT: spec.fingerprint(), Tag.STUDY_UID: uid})
         study.set_user_attr(Attr.EXPERIMENT_ID, experiment_id)
         study.set_user_attr(Attr.PARENT_RUN_ID, parent)
         ref = StudyRef(spec, storage_url, tracker.uri, experiment_id, parent,
-                       n_trials or spec.budget.n_trials)
+                       n_trials or spec.budget.n_trials, uid)
         opened = OpenStudy(ref, study, storage, tracker)
         for note in reconcile(opened):
             log.warning(note)
@@ -155,7 +194,8 @@ def open_existing(target: str | Path) -> OpenStudy:
                         "on it first")
     tracker = _open_tracking(study, spec)
     ref = StudyRef(spec, storage_url, tracker.uri, study.user_attrs[Attr.EXPERIMENT_ID],
-                   study.user_attrs[Attr.PARENT_RUN_ID], spec.budget.n_trials)
+                   study.user_attrs[Attr.PARENT_RUN_ID], spec.budget.n_trials,
+                   study.user_attrs.get(Attr.STUDY_UID))
     return OpenStudy(ref, study, storage, tracker)
 
 
@@ -171,11 +211,21 @@ def load_sweep_data(spec: Spec):
 def close_study_run(opened: OpenStudy, status: str) -> None:
     """Repair leftovers, close the parent run (unless trials still run in other processes:
     then it stays RUNNING and says so), then write the counts and plots on it. The status
-    goes first: it is the smallest write, and the one a full disk must not cost."""
-    repair(opened)
+    goes first: it is the smallest write, and the one a full disk must not cost. A study
+    whose journal was lost is not read again: its run is closed FAILED, saying why. A
+    study another process already finished (its budget used up) is left as it closed it."""
     study, tracker, ref = opened.study, opened.tracker, opened.ref
+    try:
+        opened.storage.check_intact()
+    except StoreError as exc:
+        tracker.set_tag(ref.parent_run_id, Tag.NOTE, str(exc))
+        tracker.set_status(ref.parent_run_id, "FAILED")
+        return
+    repair(opened)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     left = ref.n_trials - len(counted_trials(study))
+    if not running and left <= 0 and tracker.status(ref.parent_run_id) == "FINISHED":
+        return  # finished by the worker that ran its last trial, summary and all
     if running:
         note = f"{len(running)} trials still running in other processes"
     elif status == "FINISHED" and left > 0:  # a timeout: only a full budget is FINISHED
