@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import optuna
@@ -162,13 +163,28 @@ def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path, capsys):
     assert len(counted(trials)) == 2 and len(trials) == 3
 
 
-def test_a_killed_worker_is_replaced_by_the_others_and_the_budget_ends_exact(tmp_path):
+def test_a_killed_worker_is_replaced_by_the_others_and_the_budget_ends_exact(tmp_path, capsys):
+    """The worker is what dies, a real process killed by a real SIGKILL; the parent that
+    sees it die and has the others finish runs in this process (saving one process start)."""
     path = slow_line(tmp_path, budget={"n_trials": 3, "epochs": 60})
     spec = load(path)
-    process = start("sweep", path, "--workers", 2, "--no-progress", cwd=tmp_path)
-    victim = wait_until(lambda: running_trial(spec), timeout=90, what="a worker's trial")
-    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
-    code, out, err = finish(process, timeout=180)
+    killed: list = []
+
+    def kill_a_worker_mid_trial():
+        try:
+            victim = wait_until(lambda: running_trial(spec), timeout=90,
+                                what="a worker's trial")
+            os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+            killed.append(victim)
+        except BaseException as exc:  # noqa: BLE001  (reported below, in the test's thread)
+            killed.append(exc)
+
+    killer = threading.Thread(target=kill_a_worker_mid_trial)
+    killer.start()
+    code, out, err = run_cli(capsys, "sweep", path, "--workers", 2, "--no-progress")
+    killer.join()
+    (victim,) = killed
+    assert not isinstance(victim, BaseException), victim
     assert code == 0, err
     assert f"pid {victim.user_attrs['pid']}) was killed by SIGKILL" in err
     assert "Traceback" not in err
@@ -347,18 +363,29 @@ def test_any_failure_inside_a_trial_fails_that_trial_and_the_study_goes_on(tmp_p
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
 
 
-def test_a_tracking_store_that_cant_be_written_stops_the_sweep_with_one_line(tmp_path):
+def test_a_tracking_store_that_cant_be_written_stops_the_sweep_with_one_line(tmp_path, capsys,
+                                                                             monkeypatch):
     """Mid-trial, the artifact folder is replaced by a file (a real OSError inside MLflow's
     store): the trial is failed without using budget, its run closed, the sweep stops with
     one line; once the store is fixed the same command finishes."""
-    path = slow_line(tmp_path)
+    # No process fails here, the store does: the sweep runs in this process, and the folder
+    # is replaced as trial 0 starts training (its run already made), as it was mid-trial in
+    # a separate process. Three epochs a trial: nothing has to be hit mid-trial from outside.
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 3}, search_space=FIXED_BATCH)
     spec = load(path)
-    process = start("sweep", path, "--no-progress", cwd=tmp_path)
-    wait_until(lambda: running_trial(spec), what="trial 0 running")
     artifacts = tmp_path / "mlruns" / "artifacts"
-    artifacts.rename(tmp_path / "moved")
-    artifacts.write_text("not a folder")
-    code, _, err = finish(process)
+    real_fit = optimsweep.core.train.fit_group
+    calls = iter(range(100))
+
+    def fit_with_the_store_broken_once(configs, data, on_epoch=None):
+        if next(calls) == 0:
+            assert running_trial(spec) is not None
+            artifacts.rename(tmp_path / "moved")
+            artifacts.write_text("not a folder")
+        return real_fit(configs, data, on_epoch)
+
+    monkeypatch.setattr(optimsweep.core.train, "fit_group", fit_with_the_store_broken_once)
+    code, _, err = run_cli(capsys, "sweep", path, "--no-progress")
     assert code == 3 and "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.strip()]
     assert line.startswith("error: tracking store sqlite:///")
