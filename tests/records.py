@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,15 +63,92 @@ def assert_invariant(spec, n_trials: int | None = None):
     return client, children, trials
 
 
-def start(*args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+# The modules every `optimsweep` command imports (torch and MLflow: about 7 s per process
+# start on a 2-core machine), imported once by multiprocessing's fork server.
+PRELOAD = ["optimsweep.cli", "optimsweep.run.runner", "optimsweep.run.study",
+           "optimsweep.sweep.check", "optimsweep.report", "optimsweep.confirm",
+           "optimsweep.export"]
+
+
+def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
+    """The body of a forked `optimsweep ARGV`: its own folder, environment and output
+    files, then the command line's own main, exit code and exit handlers."""
+    import atexit
+    import faulthandler
+    import io
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+    if env.get("PYTHONFAULTHANDLER"):  # what Python does at start-up with it set
+        faulthandler.enable()
+    from optimsweep.cli import main
+
+    code = main(argv)
+    atexit._run_exitfuncs()  # multiprocessing ends its children with os._exit
+    sys.exit(code)
+
+
+class CliProcess:
+    """`optimsweep ARGS` in a real process of its own (its pid takes real signals; its exit
+    code and output are its own), forked from a server that imported the package once
+    instead of starting Python anew: the Popen calls the tests use."""
+
+    _context = None
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict):
+        if CliProcess._context is None:
+            CliProcess._context = multiprocessing.get_context("forkserver")
+            CliProcess._context.set_forkserver_preload(PRELOAD)
+        self.args = ["optimsweep", *argv]
+        self._files = tempfile.mkdtemp(prefix="optimsweep-cli-")
+        self._out, self._err = (os.path.join(self._files, n) for n in ("stdout", "stderr"))
+        self._process = CliProcess._context.Process(
+            target=_cli_process, args=(argv, str(cwd), env, self._out, self._err))
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        out, err = (Path(p).read_text() for p in (self._out, self._err))
+        shutil.rmtree(self._files, ignore_errors=True)
+        return out, err
+
+
+def launch(argv: list, cwd: Path, env: dict) -> CliProcess:
+    """`optimsweep ARGV` in `cwd` with exactly the environment `env`."""
+    return CliProcess([str(a) for a in argv], cwd, env)
+
+
+def start(*args, cwd: Path, env: dict | None = None) -> CliProcess:
     """`optimsweep ARGS` as a user runs it, in its own process."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "optimsweep.cli", *map(str, args)], cwd=cwd, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OPTIMSWEEP_DATA": str(DATA), **(env or {})})
+    return launch(list(args), cwd, {**os.environ, "PYTHONUNBUFFERED": "1",
+                                    "OPTIMSWEEP_DATA": str(DATA), **(env or {})})
 
 
-def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+def finish(process, timeout: float = 120) -> tuple[int, str, str]:
     out, err = process.communicate(timeout=timeout)
     return process.returncode, out, err
 

@@ -25,6 +25,7 @@ from optimsweep.sweep.check import load_spec
 from records import (
     assert_invariant,
     finish,
+    launch,
     load_study,
     mlflow_runs,
     run_cli,
@@ -68,17 +69,18 @@ class Workers:
         return dataclasses.replace(load_spec(sweep), storage=self.env["OPTIMSWEEP_STORAGE"],
                                    tracking_uri=self.env["MLFLOW_TRACKING_URI"])
 
-    def start(self, folder: str, *args, host: str | None = None) -> subprocess.Popen:
+    def start(self, folder: str, *args, host: str | None = None):
         cwd = self.tmp_path / folder
         cwd.mkdir(exist_ok=True)
-        command = [sys.executable, "-m", "optimsweep.cli", *map(str, args)]
-        if host is not None:  # another machine, as far as hostnames tell
-            command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh",
-                       *command]
+        if host is None:
+            return launch(list(args), cwd, self.env)
+        # another machine, as far as hostnames tell: a process started anew in a namespace
+        command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh",
+                   sys.executable, "-m", "optimsweep.cli", *map(str, args)]
         return subprocess.Popen(command, cwd=cwd, env=self.env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def finish(self, process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    def finish(self, process, timeout: float = 240) -> tuple[int, str]:
         code, out, err = finish(process, timeout)
         self.outputs += [out, err]
         return code, err

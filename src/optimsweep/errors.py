@@ -4,6 +4,8 @@ Each prints as one line, without a traceback (`--debug` shows it)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from optimsweep.util.signals import Interrupted  # noqa: F401  (raised by the signal handler)
 from optimsweep.util.urls import redact_text
 
@@ -85,3 +87,13 @@ def describe(exc: BaseException) -> str:
         if not text or not type(exc).__module__.startswith("optimsweep"):  # ours say enough
             text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return redact_text(text)[:500]
+
+
+def chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc` and what caused it, each once: a chain can loop back on itself (an exception
+    raised while handling one that is its own context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -26,7 +26,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from optimsweep.errors import StoreError, describe
+from optimsweep.errors import StoreError, chain, describe
 from optimsweep.records.optuna_adapter import (
     BaseJournalFileLock,
     heartbeat_enabled,
@@ -73,13 +73,9 @@ def _lost_connection(exc: BaseException) -> bool:
     constraint, a finished trial) would fail the same way again."""
     import sqlalchemy
 
-    while exc is not None:
-        if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
-            return True
-        if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+               or (isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated)
+               for e in chain(exc))
 
 
 def resolve_storage(spec_storage: str | None = None) -> str:

@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from optimsweep.core.artifacts import save_state_dict
 from optimsweep.core.train import EpochStats, FitResult, TrainConfig
 from optimsweep.core.usercode import code_version
-from optimsweep.errors import StoreError, describe
+from optimsweep.errors import StoreError, chain, describe
 from optimsweep.records.schema import (
     CONFIG_FILE,
     CONFIRM_ROLE,
@@ -46,11 +46,11 @@ from optimsweep.util.urls import redact, redact_text
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
 quiet_libraries()  # MLflow's import set its own logger to INFO
-# One small state_dict per download: a progress bar is only noise between our own lines.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# MLflow prints a "View run" link for every run a server closes: noise between our lines,
-# with the URL's password in it when it has one.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow's settings for a process that writes through a Tracker: one small state_dict per
+# download, so a progress bar is only noise between our own lines; and no "View run" link
+# for every run a server closes (noise, with the URL's password in it when it has one).
+QUIET_MLFLOW = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 # MLflow's own retry of a request to a tracking server: it reads these at each request, and
@@ -180,13 +180,11 @@ def _store_call(method):
 
 def _problem(uri: str, exc: BaseException) -> str:
     """What went wrong, in the store's words where they say more than MLflow's wrapper."""
-    cause = exc
-    while cause is not None:
+    for cause in chain(exc):
         if isinstance(cause, sqlite3.OperationalError) and "readonly" in str(cause):
             path = uri.removeprefix("sqlite:///")
             return (f"{path} is read-only ({cause}); make it and its folder writable, or "
                     "point tracking_uri at a store this user can write")
-        cause = cause.__cause__ or cause.__context__
     return describe(exc)
 
 
@@ -196,12 +194,8 @@ def _unreachable(exc: BaseException | None) -> bool:
     import requests
     import urllib3
 
-    while exc is not None:
-        if isinstance(exc, requests.exceptions.RequestException | urllib3.exceptions.HTTPError
-                      | ConnectionError):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, requests.exceptions.RequestException
+                          | urllib3.exceptions.HTTPError | ConnectionError) for e in chain(exc))
 
 
 class Tracker:
@@ -209,6 +203,8 @@ class Tracker:
     `store_timeout`: seconds a tracking server that went away is retried."""
 
     def __init__(self, tracking_uri: str | None = None, store_timeout: float = 60.0):
+        for var, value in QUIET_MLFLOW.items():  # read by MLflow at each call
+            os.environ.setdefault(var, value)
         self.uri = resolve_tracking_uri(tracking_uri)
         self._http_retries = http_retries(store_timeout)
         if self.uri.startswith("sqlite:///"):
