@@ -36,7 +36,8 @@ def load_study(spec):
 
 def assert_invariant(spec, n_trials: int | None = None):
     """Every trial has exactly one child run in the matching state, with its params; nothing
-    is RUNNING; one parent run; the counted trials never exceed the budget."""
+    is RUNNING; one parent run, FINISHED once the budget is used up; the counted trials
+    never exceed the budget."""
     client, children = mlflow_runs(spec, "trial")
     (parent,) = mlflow_runs(spec, "study")[1]
     trials = load_study(spec).trials
@@ -59,7 +60,10 @@ def assert_invariant(spec, n_trials: int | None = None):
     assert parent.info.status != "RUNNING"
     assert all(r.info.status != "RUNNING" for r in mlflow_runs(spec, "confirm")[1])
     counted = [t for t in trials if not t.user_attrs.get("interrupted")]
-    assert len(counted) <= (n_trials or spec.budget.n_trials)
+    budget = n_trials or spec.budget.n_trials
+    assert len(counted) <= budget
+    if len(counted) == budget:  # the budget used up: the study is done, whoever finished it
+        assert parent.info.status == "FINISHED", parent.data.tags.get("optimsweep.note")
     return client, children, trials
 
 
