@@ -2,8 +2,8 @@
 
 Opening a store here makes it safe to share: SQLite databases are created atomically, a
 journal's torn last line (a write cut short by a crash or a full disk) is set aside before
-anything is appended to it, and `StudyStorage.lock` gives one process at a time the right to create
-a study or claim a trial of the budget.
+anything is appended to it, and `StudyStorage.lock` gives one process at a time the right
+to create a study or claim a trial of the budget.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from optimsweep.records.optuna_adapter import (
     heartbeat_enabled,
     stale_trial_ids,
 )
+from optimsweep.records.schema import Attr
 from optimsweep.util import signals
 from optimsweep.util.atomic import create_sqlite_atomically, file_lock, write_text_atomic
 from optimsweep.util.urls import redact
 
 DEFAULT_STORAGE = "mlruns/optuna.journal"
 log = logging.getLogger("optimsweep")
-
 
 
 def _store_failures() -> tuple[type[BaseException], ...]:
@@ -64,8 +64,6 @@ class Resilience:
     grace_period: int = 30
     max_retry: int = 2
     store_timeout: float = 60.0
-
-
 
 
 def _lost_connection(exc: BaseException) -> bool:
@@ -245,12 +243,13 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
     copy every user attr, the dead trial's run id and `interrupted` flag with them."""
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        retries = trial.user_attrs.get("retries", 0)
+        retries = trial.user_attrs.get(Attr.RETRIES, 0)
         if self._max_retry is not None and retries >= self._max_retry:
             return  # counted the same way as the claim's own retries
         clean = copy.copy(trial)
-        clean.user_attrs = {"retry_of": trial.number, "retries": retries + 1,
-                            **({"baseline": True} if trial.user_attrs.get("baseline") else {})}
+        clean.user_attrs = {Attr.RETRY_OF: trial.number, Attr.RETRIES: retries + 1,
+                            **({Attr.BASELINE: True} if trial.user_attrs.get(Attr.BASELINE)
+                               else {})}
         super().__call__(study, clean)
 
 
@@ -304,27 +303,34 @@ def _one_at_a_time(url: str, what: str, application_name: str) -> Iterator[None]
         engine.dispose()
 
 
-def open_storage(url: str, resilience: Resilience | None = None,
-                 watch: list[JournalFile] | None = None) -> optuna.storages.BaseStorage:
+def open_storage(url: str, resilience: Resilience | None = None
+                 ) -> optuna.storages.BaseStorage:
     """A URL (postgresql://, sqlite:///) is an RDB; anything else is a journal file path,
-    which several local worker processes can share safely (SQLite can't). A journal's
-    `JournalFile` is appended to `watch` when given: then every append checks it."""
+    which several local worker processes can share safely (SQLite can't)."""
+    return _open(url, resilience, watch=False)[0]
+
+
+def _open(url: str, resilience: Resilience | None, *, watch: bool
+          ) -> tuple[optuna.storages.BaseStorage, JournalFile | None]:
+    """open_storage, and with `watch` the journal file it opened, known by identity: then
+    every append checks it is still that file."""
     try:
         if not is_journal(url):
             if url.startswith("sqlite:///"):
                 create_sqlite_atomically(url.removeprefix("sqlite:///"), _create_rdb)
-                return optuna.storages.RDBStorage(url)
-            return _server_storage(url, resilience or Resilience())
+                return optuna.storages.RDBStorage(url), None
+            return _server_storage(url, resilience or Resilience()), None
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         _set_torn_tail_aside_now(path)  # else Optuna would silently drop that last record
-        if watch is not None:
+        journal = None
+        if watch:
             path.touch()  # Optuna creates it too; its identity is taken before anything is read
-            watch.append(JournalFile(path))
+            journal = JournalFile(path)
         backend = optuna.storages.journal.JournalFileBackend(
-            str(path), lock_obj=_FlockLock(path, watch[0] if watch else None))
+            str(path), lock_obj=_FlockLock(path, journal))
         try:
-            return optuna.storages.JournalStorage(backend)
+            return optuna.storages.JournalStorage(backend), journal
         except ValueError as exc:  # json's errors are ValueErrors, and so is Optuna's own
             raise _bad_journal_line(path) from exc
     except StoreError:
@@ -344,9 +350,8 @@ class StudyStorage:
     def __init__(self, url: str, resilience: Resilience | None = None):
         self.url = url
         self.resilience = resilience or Resilience()
-        watch: list[JournalFile] = []
-        self.optuna = open_storage(url, self.resilience, watch)
-        self.journal = watch[0] if watch else None  # the journal file opened, by identity
+        # the journal file opened, by identity (None for a database)
+        self.optuna, self.journal = _open(url, self.resilience, watch=True)
         self._gave_up = False  # the database stayed away for a whole store_timeout once
 
     def check_intact(self) -> None:
@@ -383,8 +388,7 @@ class StudyStorage:
             except (StoreError, KeyboardInterrupt):
                 raise
             except Exception as exc:
-                if self.journal is not None:
-                    self.journal.check()  # a journal lost under Optuna: say that, not its error
+                self.check_intact()  # a journal lost under Optuna: say that, not its error
                 lost = _lost_connection(exc)
                 if not (retry and lost and not self._gave_up
                         and time.monotonic() + pause < deadline):

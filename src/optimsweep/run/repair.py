@@ -57,6 +57,12 @@ def owner_gone(host: str | None, pid: str | int | None, live: set[int] = frozens
     return not _pid_alive(pid)
 
 
+def _abandoned(run) -> bool:
+    """A run still RUNNING whose owning process has ended."""
+    return run.info.status == State.RUNNING.run_status and owner_gone(
+        run.data.tags.get(Tag.HOST), run.data.tags.get(Tag.PID))
+
+
 def is_stale(trial: optuna.trial.FrozenTrial, live: set[int] = frozenset()) -> bool:
     """A RUNNING trial whose process has ended. A trial gets its host and pid inside the
     same lock that asked for it, so one without them was left by a process that died in
@@ -146,7 +152,7 @@ def _orphan(opened: OpenStudy, run) -> str | None:
         opened.tracker.delete_run(run_id, "belongs to no Optuna trial (its trial's record "
                                   "was lost in a crash)")
         return f"run {run_id}: belonged to no trial; deleted"
-    if run.info.status == "RUNNING" and owner_gone(tags.get(Tag.HOST), tags.get(Tag.PID)):
+    if _abandoned(run):
         reason = ("interrupted: its process ended, and no trial in the study storage names "
                   "this run; kept")
         opened.tracker.finish_run(run_id, State.FAILED, error=reason)
@@ -192,8 +198,7 @@ def reconcile(opened: OpenStudy, *, close_parent: bool = False) -> list[str]:
             notes.append(f"trial {trial.number}: its run was {run.info.status}; now "
                          f"{state.run_status}")
     for run in tracker.runs(ref.experiment_id, CONFIRM_ROLE):
-        if run.info.status == "RUNNING" and owner_gone(run.data.tags.get(Tag.HOST),
-                                                        run.data.tags.get(Tag.PID)):
+        if _abandoned(run):
             tracker.finish_run(run.info.run_id, State.FAILED, error=INTERRUPTED)
             notes.append(f"confirm run {run.info.run_id}: its process had ended; failed")
     present = {r.info.run_id for r in runs}
@@ -207,8 +212,7 @@ def reconcile(opened: OpenStudy, *, close_parent: bool = False) -> list[str]:
                      "in the study storage names them; kept, not deleted")
     if close_parent and not any(t.state == TrialState.RUNNING for t in trials):
         parent = tracker.run(ref.parent_run_id)
-        if parent is not None and parent.info.status == "RUNNING" and owner_gone(
-                parent.data.tags.get(Tag.HOST), parent.data.tags.get(Tag.PID)):
+        if parent is not None and _abandoned(parent):
             tracker.set_status(ref.parent_run_id, "KILLED")
             notes.append("the study's run was left RUNNING by an ended sweep; now KILLED")
     return notes
