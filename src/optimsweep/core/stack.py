@@ -50,6 +50,10 @@ class ModelStack:
         """The tensors member k's optimizer updates (the model's parameters, in effect)."""
         return self._stepped[k]
 
+    def flipped(self) -> list[bool]:
+        """For each parameter, in order: whether optimizers step it transposed, (in, out)."""
+        return [self.fused and self._flipped[name] for name in self._names]
+
     def _restack(self) -> None:
         """Copy the members' parameters into fresh stacked tensors and point each member's
         tensors at its slice. Every tensor keeps its identity, so an optimizer's state (keyed

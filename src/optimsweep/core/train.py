@@ -13,6 +13,7 @@ optimizer state and losses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 import optimsweep.core.numerics  # noqa: F401  (denormals flushed before any tensor work)
+from optimsweep.core import checkpoint
+from optimsweep.core.checkpoint import Checkpointer, TrainingState
 from optimsweep.core.data import (
     DEFAULT_VAL_SIZE,
     IN_MEMORY_MB,
@@ -33,7 +36,7 @@ from optimsweep.core.data import (
 )
 from optimsweep.core.models import MODELS, MODELS_BY_TASK, build_model
 from optimsweep.core.stack import ModelStack
-from optimsweep.core.usercode import is_import_string, resolve
+from optimsweep.core.usercode import code_version, is_import_string, resolve
 from optimsweep.errors import ConfigError, DivergedError
 from optimsweep.util import values
 
@@ -423,6 +426,8 @@ class _Member:
     generator: torch.Generator  # its batch order
     on_epoch: Callable[[EpochStats], bool | None] | None
     result: FitResult
+    checkpointer: Checkpointer | None = None
+    epoch: int = 0  # epochs finished (those of the checkpoint it resumed from included)
 
 
 def _train_epoch(stack: ModelStack, optimizers: list, generators: list[torch.Generator],
@@ -515,24 +520,33 @@ def _diverged(losses: torch.Tensor, epoch: int) -> DivergedError | None:
     return DivergedError(epoch, bad + 1, float(losses[bad]))
 
 
-def _end_of_epoch(member: _Member, stats: EpochStats) -> bool:
-    """The member's scheduler steps and its caller is told; True when it leaves the group."""
+def _end_of_epoch(member: _Member, stats: EpochStats, state: Callable[[], TrainingState]
+                  ) -> bool:
+    """The member's scheduler steps, its state is kept (checkpointer) and its caller told;
+    True when it leaves the group. The state is kept before the caller hears of the epoch:
+    whoever sees an epoch reported can count on its state surviving an interrupt."""
     scheduler = member.scheduler
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(stats.val_loss)
     elif scheduler is not None:
         scheduler.step()
     member.result.history.append(stats)
+    last = stats.epoch >= member.config.epochs
+    if member.checkpointer is not None and not last:
+        member.checkpointer.epoch_end(state, stats.seconds)
     if member.on_epoch is not None and member.on_epoch(stats):
         member.result.stopped_early = True
         return True
-    return stats.epoch >= member.config.epochs
+    return last
 
 
 def fit_group(
     configs: list[TrainConfig],
     data: Dataset,
     on_epoch: list[Callable[[EpochStats], bool | None] | None] | None = None,
+    *,
+    resume: list[TrainingState | None] | None = None,
+    checkpoints: list[Checkpointer | None] | None = None,
 ) -> list[FitResult | Exception]:
     """Train every config of a group at once as one batched model; for each, its result or
     the exception that ended it (diverged, or raised by its `on_epoch`).
@@ -541,7 +555,12 @@ def fit_group(
     and `on_epoch(stats)`, which returning True stops that member early (pruned). A member
     that stops, finishes its epochs or fails leaves the group; the others go on. A member
     ends with what its config gives trained alone, up to float rounding of batched matrix
-    products. Ctrl-C (any BaseException) ends the whole group at once.
+    products. Ctrl-C (any BaseException) ends the whole group at once, after each member's
+    checkpointer has written the last epoch it finished.
+
+    `resume[k]`: a checkpoint (checkpoint.load) member k continues from, its history
+    included; it trains only the epochs left. `checkpoints[k]`: when and where member k's
+    state is written at the end of each epoch it goes on from.
     """
     if not configs:
         return []
@@ -555,67 +574,123 @@ def fit_group(
     data = data.to(device)
     scoring = _Scoring.of(first)
     callbacks = on_epoch or [None] * len(configs)
+    resume = resume or [None] * len(configs)
+    checkpoints = checkpoints or [None] * len(configs)
     models = []
-    for config in configs:
+    for config, state in zip(configs, resume, strict=True):
         torch.manual_seed(config.seed)  # its initial weights: those it gets alone
-        models.append(build_model(config.model, config.model_kwargs,
-                                  config.code_dir).to(device))
+        model = build_model(config.model, config.model_kwargs, config.code_dir)
+        if state is not None:
+            model.load_state_dict(state.model)
+        models.append(model.to(device))
     if len(configs) > 1 and (data.streaming or any(
             next(iter(m.buffers()), None) is not None for m in models)):
         # Streamed batches can't be cut K ways at once, and buffers (BatchNorm statistics)
         # can't be stacked: these members train one after another.
-        return [fit_group([c], data, [cb])[0] for c, cb in zip(configs, callbacks, strict=True)]
+        return [fit_group([c], data, [cb], resume=[r], checkpoints=[cp])[0]
+                for c, cb, r, cp in zip(configs, callbacks, resume, checkpoints, strict=True)]
     stack = ModelStack(models)
     members = []
     for k, (config, callback) in enumerate(zip(configs, callbacks, strict=True)):
         optimizer = build_optimizer(config, stack.optimizer_params(k))
-        members.append(_Member(config, models[k], optimizer, build_scheduler(config, optimizer),
-                               torch.Generator().manual_seed(config.seed), callback,
-                               FitResult(model=models[k], device=str(device))))
+        member = _Member(config, models[k], optimizer, build_scheduler(config, optimizer),
+                         torch.Generator().manual_seed(config.seed), callback,
+                         FitResult(model=models[k], device=str(device)), checkpoints[k])
+        if resume[k] is not None:
+            _restore(member, resume[k], stack, alone=len(configs) == 1)
+        members.append(member)
     outcomes: dict[int, FitResult | Exception] = {}
     live = list(range(len(members)))  # positions in `members`, in the stack's order
-    epoch = 0
-    while live:
-        epoch += 1
-        start = time.perf_counter()
-        group = [members[i] for i in live]
-        lrs = [m.optimizer.param_groups[0]["lr"] for m in group]
-        losses = _train_epoch(stack, [m.optimizer for m in group],
-                              [m.generator for m in group], scoring.loss_fn, data,
-                              first.batch_size, precision)
-        validation = _evaluate(stack, scoring, data, "val", precision)
-        share = (time.perf_counter() - start) / len(group)  # each member's part of the epoch
-        leaving: dict[int, Exception | None] = {}
-        for k, member in enumerate(group):
-            try:
-                problem = _diverged(losses[:, k], epoch)
-                if problem is not None:
-                    raise problem
-                val_loss, val_accuracy, extra = validation[k]
-                stats = EpochStats(epoch, float(losses[:, k].mean()), val_loss, val_accuracy,
-                                   lrs[k], share, extra)
-                if _end_of_epoch(member, stats):
-                    leaving[k] = None
-            except Exception as exc:  # noqa: BLE001  (this member's end, not the group's)
-                leaving[k] = exc
-        if not leaving:
-            continue
-        stack.remove([k for k in range(len(group)) if k not in leaving])
-        for k, problem in leaving.items():
-            member = group[k]
-            if problem is None:
-                result = member.result
-                result.test_loss, result.test_accuracy, result.test_extra = _evaluate(
-                    ModelStack([member.model]), scoring, data, "test", precision)[0]
-            outcomes[live[k]] = member.result if problem is None else problem
-        live = [i for k, i in enumerate(live) if k not in leaving]
+    try:
+        while live:
+            group = [members[i] for i in live]
+            start = time.perf_counter()
+            lrs = [m.optimizer.param_groups[0]["lr"] for m in group]
+            losses = _train_epoch(stack, [m.optimizer for m in group],
+                                  [m.generator for m in group], scoring.loss_fn, data,
+                                  first.batch_size, precision)
+            validation = _evaluate(stack, scoring, data, "val", precision)
+            share = (time.perf_counter() - start) / len(group)  # each member's part
+            leaving: dict[int, Exception | None] = {}
+            for k, member in enumerate(group):
+                member.epoch += 1
+                try:
+                    problem = _diverged(losses[:, k], member.epoch)
+                    if problem is not None:
+                        raise problem
+                    val_loss, val_accuracy, extra = validation[k]
+                    stats = EpochStats(member.epoch, float(losses[:, k].mean()), val_loss,
+                                       val_accuracy, lrs[k], share, extra)
+                    if _end_of_epoch(member, stats, functools.partial(
+                            _state, member, stack, k, precision)):
+                        leaving[k] = None
+                except Exception as exc:  # noqa: BLE001  (this member's end, not the group's)
+                    leaving[k] = exc
+            if not leaving:
+                continue
+            stack.remove([k for k in range(len(group)) if k not in leaving])
+            for k, problem in leaving.items():
+                member = group[k]
+                if problem is None:
+                    result = member.result
+                    result.test_loss, result.test_accuracy, result.test_extra = _evaluate(
+                        ModelStack([member.model]), scoring, data, "test", precision)[0]
+                outcomes[live[k]] = member.result if problem is None else problem
+            live = [i for k, i in enumerate(live) if k not in leaving]
+    except BaseException:
+        # Interrupted (or the whole group failed): what each member finished is kept.
+        for i in live:
+            if members[i].checkpointer is not None:
+                members[i].checkpointer.flush()
+        raise
     return [outcomes[i] for i in range(len(members))]
+
+
+def _state(member: _Member, stack: ModelStack, k: int, precision: str) -> TrainingState:
+    """Member `k` of the stack's whole training state, in the model's own layout."""
+    optimizer = member.optimizer.state_dict()
+    if stack.fused:
+        optimizer = checkpoint.transpose_optimizer_state(optimizer, stack.flipped())
+    return checkpoint.capture(
+        epoch=member.epoch, config=dataclasses.asdict(member.config), precision=precision,
+        fused=stack.fused, history=[dataclasses.asdict(s) for s in member.result.history],
+        model=member.model.state_dict(), optimizer=optimizer,
+        scheduler=member.scheduler.state_dict() if member.scheduler is not None else None,
+        rng=checkpoint.rng_state(member.generator), user_code=user_code_versions(member.config))
+
+
+def user_code_versions(config: TrainConfig) -> dict[str, str]:
+    """{role: version} of the user's factories the config names (checkpoints carry it)."""
+    return {role: code_version(ref, config.code_dir) for role, ref in config.user_code().items()}
+
+
+def architecture(config: TrainConfig) -> nn.Module:
+    """The config's model without memory (on the meta device): its parameters' names and
+    shapes."""
+    with torch.device("meta"):
+        return build_model(config.model, config.model_kwargs, config.code_dir)
+
+
+def _restore(member: _Member, state: TrainingState, stack: ModelStack, *, alone: bool) -> None:
+    """Put a member back where its checkpoint left it (its weights are already loaded)."""
+    optimizer = state.optimizer
+    if stack.fused:
+        optimizer = checkpoint.transpose_optimizer_state(optimizer, stack.flipped())
+    member.optimizer.load_state_dict(optimizer)
+    if member.scheduler is not None:
+        member.scheduler.load_state_dict(state.scheduler)
+    checkpoint.restore_rng(member.generator, state.rng, global_too=alone)
+    member.result.history = [EpochStats(**s) for s in state.history]
+    member.epoch = state.epoch
 
 
 def fit(
     config: TrainConfig,
     data: Dataset,
     on_epoch: Callable[[EpochStats], bool | None] | None = None,
+    *,
+    resume: TrainingState | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> FitResult:
     """Train `config` on `data` (a group of one); `on_epoch(stats)` returning True stops
     training early.
@@ -624,7 +699,8 @@ def fit(
     Raises DivergedError if the training loss becomes NaN or infinite, and whatever
     `on_epoch` raises.
     """
-    outcome = fit_group([config], data, [on_epoch])[0]
+    outcome = fit_group([config], data, [on_epoch], resume=[resume],
+                        checkpoints=[checkpointer])[0]
     if isinstance(outcome, Exception):
         raise outcome
     return outcome

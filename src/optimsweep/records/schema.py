@@ -56,6 +56,8 @@ class Tag:
     FUSED = "optimsweep.fused"  # members of its group
     PRECISION = "optimsweep.precision"  # fp32 or bf16, `auto` resolved
     RETRY_OF = "optimsweep.retry_of"
+    RESUMED_FROM = "optimsweep.resumed_from"  # "trial 7 epoch 6": the checkpoint it went on from
+    CHECKPOINTS = "optimsweep.checkpoints"  # "3 writes, 0.41 s (0.6% of training)"
     SAMPLED = "optimsweep.sampled"
     CODE = "optimsweep.code."  # + data/model/metric: the user's factory and its version
     # a confirm run
@@ -88,6 +90,7 @@ class Attr:
     RETRY_OF = "retry_of"  # the trial number whose config this one runs again
     RETRIES = "retries"
     EPOCHS_RUN = "epochs_run"
+    RESUMED_FROM = "resumed_from"  # {"trial": 7, "epoch": 6}: the checkpoint it went on from
     # the study's
     STUDY_UID = "study_uid"  # given when the study is created: its runs carry it as a tag, so
     # a repair deletes only runs it can prove are this very study's (not a same-named one's)
@@ -103,6 +106,8 @@ class Attr:
 STATE_DICT = "state_dict.pt"
 CONFIG_FILE = "config.yaml"
 TRACEBACK_FILE = "traceback.txt"
+CHECKPOINT_DIR = "checkpoints"  # the latest training state (and one being written) while
+# the run can still be resumed; removed once its trial is finished
 INTERRUPTED = "interrupted: Ctrl-C or SIGTERM"  # the reason of a trial stopped by a signal
 
 # States whose trials use up budget (unless interrupted); WAITING ones don't.

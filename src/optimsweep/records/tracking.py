@@ -28,6 +28,7 @@ from optimsweep.core.train import EpochStats, FitResult, TrainConfig
 from optimsweep.core.usercode import code_version
 from optimsweep.errors import StoreError, chain, describe
 from optimsweep.records.schema import (
+    CHECKPOINT_DIR,
     CONFIG_FILE,
     CONFIRM_ROLE,
     STATE_DICT,
@@ -327,6 +328,43 @@ class Tracker:
                   "epoch_seconds": stats.seconds, **stats.extra}
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, stats.epoch)
                                                for k, v in values.items() if v is not None])
+
+    @_store_call
+    def log_epochs(self, run_id: str, history: list[EpochStats]) -> None:
+        """The curve a resumed run continues: the epochs its checkpoint holds."""
+        for stats in history:
+            self.log_epoch(run_id, stats)
+
+    @_store_call
+    def log_checkpoint(self, run_id: str, path: Path, epoch: int) -> None:
+        """Store a checkpoint with the run (under its own name, so the previous one stays
+        whole until this one is), then remove the older ones."""
+        self.client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
+        for name in self.checkpoints(run_id)[1:]:
+            self._artifacts(run_id).delete_artifacts(name)
+
+    @_store_call
+    def checkpoints(self, run_id: str) -> list[str]:
+        """The run's checkpoint files (artifact paths), the latest epoch first."""
+        try:
+            found = self.client.list_artifacts(run_id, CHECKPOINT_DIR)
+        except MlflowException as exc:
+            if is_missing(exc):
+                return []
+            raise
+        return sorted((f.path for f in found if not f.is_dir and f.path.endswith(".pt")),
+                      reverse=True)
+
+    @_store_call
+    def delete_checkpoints(self, run_id: str) -> None:
+        if self.checkpoints(run_id):
+            self._artifacts(run_id).delete_artifacts(CHECKPOINT_DIR)
+
+    def _artifacts(self, run_id: str):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(self.client.get_run(run_id).info.artifact_uri,
+                                       tracking_uri=self.uri)
 
     @_store_call
     def log_result(self, run_id: str, result: FitResult) -> None:

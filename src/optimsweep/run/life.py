@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 import optuna
 
 from optimsweep.core import train
-from optimsweep.core.train import TrainConfig
+from optimsweep.core.checkpoint import Checkpointer
+from optimsweep.core.train import EpochStats, TrainConfig
 from optimsweep.errors import DivergedError, StoreError, describe
 from optimsweep.records.optuna_adapter import trial_id
 from optimsweep.records.schema import CONFIRM_ROLE, INTERRUPTED, Attr, State, Tag
 from optimsweep.records.tracking import Tracker
+from optimsweep.run import resume
 from optimsweep.run.context import OpenStudy
+from optimsweep.run.progress import say
 from optimsweep.sweep.space import suggest_config
 from optimsweep.util import signals
 
@@ -130,6 +133,9 @@ class _Member:
     config: TrainConfig | None = None
     problem: Exception | None = None
     outcome: Outcome = field(default_factory=Outcome)
+    found: resume.Found | None = None  # the checkpoint it goes on from
+    earlier_runs: list[str] = field(default_factory=list)  # of the trials it retries
+    writer: Checkpointer | None = None
 
     @property
     def run_id(self) -> str:
@@ -183,13 +189,18 @@ def _run_group(opened: OpenStudy, group: list[_Member], data) -> None:
                 if member.problem is not None:
                     raise member.problem
                 opened.tracker.log_config(member.run_id, member.config, member.trial.params)
+                _resume(opened, member)
+                member.writer = resume.checkpointer(opened.tracker, member.run_id,
+                                                    opened.spec.checkpoint)
                 fitting.append(member)
             except Exception as exc:  # noqa: BLE001
                 if _record_failure(member.outcome, exc):
                     stopping.append(exc)
         try:
-            results = train.fit_group([m.config for m in fitting], data,
-                                      [_on_epoch(opened, m) for m in fitting])
+            results = train.fit_group(
+                [m.config for m in fitting], data, [_on_epoch(opened, m) for m in fitting],
+                resume=[m.found.state if m.found else None for m in fitting],
+                checkpoints=[m.writer for m in fitting])
         except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the whole group's)
             results = [exc] * len(fitting)
         for member, result in zip(fitting, results, strict=True):
@@ -200,8 +211,32 @@ def _run_group(opened: OpenStudy, group: list[_Member], data) -> None:
             except Exception as exc:  # noqa: BLE001
                 if _record_failure(member.outcome, exc):
                     stopping.append(exc)
+            if member.outcome.counted and not member.outcome.taken:  # nothing to go on from
+                resume.drop(opened.tracker, [member.run_id, *member.earlier_runs])
     if stopping:
         raise stopping[0]
+
+
+def _resume(opened: OpenStudy, member: _Member) -> None:
+    """A retry of an interrupted trial goes on from the newest checkpoint of the trials it
+    retries: its run gets the curve so far, its trial the intermediate values, both say
+    where it went on from."""
+    trial, tracker = member.trial, opened.tracker
+    runs = resume.retried_runs(opened.study, trial)
+    member.earlier_runs = [run_id for run_id, _ in runs]
+    found = member.found = resume.latest(tracker, runs, member.config, f"trial {trial.number}")
+    if found is None:
+        return
+    epoch = found.state.epoch
+    say(f"trial {trial.number}: resumed at epoch {epoch} of {member.config.epochs} "
+        f"(from the checkpoint of {found.where})")
+    history = [EpochStats(**stats) for stats in found.state.history]
+    tracker.log_epochs(member.run_id, history)
+    tracker.set_tag(member.run_id, Tag.RESUMED_FROM, f"{found.where} epoch {epoch}")
+    _trial_write(opened, trial, trial.set_user_attr, Attr.RESUMED_FROM,
+                 {"trial": found.trial, "epoch": epoch})
+    for stats in history:
+        _trial_write(opened, trial, trial.report, stats.value(opened.spec.metric), stats.epoch)
 
 
 def _start_run(opened: OpenStudy, member: _Member, group_size: int, device) -> str:
@@ -259,6 +294,11 @@ def _trial_write(opened: OpenStudy, trial: optuna.Trial, fn, *args, **kwargs):
 def _finish(opened: OpenStudy, member: _Member, result) -> None:
     _check_mine(opened, member.trial)
     opened.tracker.log_result(member.run_id, result)
+    trained = sum(s.seconds for s in result.history[member.found.state.epoch
+                                                    if member.found else 0:])
+    writes = resume.describe_writes(member.writer, trained)
+    if writes:
+        opened.tracker.set_tag(member.run_id, Tag.CHECKPOINTS, writes)
     for key, value in (("test_loss", result.test_loss),
                        ("test_accuracy", result.test_accuracy), *result.test_extra.items(),
                        (Attr.EPOCHS_RUN, len(result.history))):

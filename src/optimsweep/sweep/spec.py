@@ -40,7 +40,8 @@ from optimsweep.util.urls import redact
 TOP_LEVEL_KEYS = ("name", "description", "task", "model", "loss", "metric", "direction",
                   "seed",
                   "sampler", "pruner", "budget", "storage", "tracking_uri", "data", "fixed",
-                  "search_space", "baseline", "heartbeat", "store_timeout", "fuse")
+                  "search_space", "baseline", "heartbeat", "store_timeout", "fuse",
+                  "checkpoint")
 MAX_FUSE = 64
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 DIRECTIONS = ("maximize", "minimize")
@@ -53,6 +54,7 @@ MODEL_PARAM = "model."  # a model factory's keyword argument in search_space or 
 # the same study.
 NOT_FINGERPRINTED = ("code_dir", "in_memory_mb")
 HEARTBEAT_KEYS = ("interval", "grace_period", "max_retry")
+CHECKPOINT_KEYS = ("every",)
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "postgresql+psycopg")
 PARAM_TYPES = ("float", "int", "categorical")
@@ -112,6 +114,8 @@ class Spec:
     baseline: list[dict]
     base: dict  # base_config(), computed once by the parser
     model_key: str = "model"  # the key that names the model factory: model or model.factory
+    # seconds between checkpoints (0: every epoch), "auto" (core/checkpoint.py), None: never
+    checkpoint: float | str | None = "auto"
 
     def base_config(self) -> dict:
         """Training values every trial shares: task, model (and their factories' arguments),
@@ -420,6 +424,7 @@ def parse(text: str, path: Path | str = "<sweep>") -> Spec:
                                and 1 <= fuse <= MAX_FUSE):
         raise _fail(path, "fuse", f"{fuse!r} is not allowed; choose auto or an integer "
                     f"in [1, {MAX_FUSE}] (trials trained at once as one model)")
+    checkpoint = _parse_checkpoint(path, raw.get("checkpoint", True))
     sampler = _options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
     pruner = _options(path, "pruner", raw.get("pruner"), PRUNERS, "median")
 
@@ -458,7 +463,28 @@ def parse(text: str, path: Path | str = "<sweep>") -> Spec:
                 resilience=resilience, fuse=fuse, model_kwargs=code["model_kwargs"],
                 data_kwargs=code["data_kwargs"], loss=loss, metric_ref=metric_ref,
                 code_dir=code["code_dir"], data=data, fixed=fixed, search_space=space,
-                baseline=baseline, base=base, model_key=code["model_key"])
+                baseline=baseline, base=base, model_key=code["model_key"],
+                checkpoint=checkpoint)
+
+
+def _parse_checkpoint(path: Path, raw) -> float | str | None:
+    """`checkpoint: false` (never), `true` (auto), or `{every: SECONDS | auto}`."""
+    if isinstance(raw, bool):
+        return "auto" if raw else None
+    if not isinstance(raw, dict):
+        raise _fail(path, "checkpoint", f"{raw!r} is not allowed; choose true, false, or "
+                    "{every: SECONDS} (0: every epoch; auto: at most 2% of the time)")
+    every = _mapping(path, "checkpoint", raw, CHECKPOINT_KEYS).get("every", "auto")
+    if every == "auto":
+        return every
+    try:
+        seconds = values.number(every, float)
+    except values.Unfit:
+        seconds = -1.0
+    if seconds < 0:
+        raise _fail(path, "checkpoint.every", f"{every!r} is not allowed; choose auto, or "
+                    "seconds >= 0 between checkpoints (0: every epoch)")
+    return seconds
 
 
 def _parse_budget(path: Path, raw: dict) -> Budget:

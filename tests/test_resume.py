@@ -1,0 +1,194 @@
+"""Interrupted training goes on from its checkpoint: real processes killed or stopped after
+6 of 10 epochs, then `sweep` again; the finished run equals an uninterrupted one, tensor for
+tensor, and its curve holds each epoch once."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimsweep.core import checkpoint, train
+from optimsweep.core.artifacts import load_state_dict
+from optimsweep.core.checkpoint import Checkpointer
+from optimsweep.core.train import TrainConfig
+from optimsweep.sweep.space import config_from_params
+from records import (
+    DATA,
+    assert_invariant,
+    finish,
+    load_study,
+    mlflow_runs,
+    running_trial,
+    start,
+    wait_until,
+)
+from sweeps import fashion_sweep
+from sweeps import load as load_spec
+
+EPOCHS = 10
+# About half a second an epoch here: a signal sent once epoch 6 is reported lands in epoch 7.
+ONE_TRIAL = {"budget": {"n_trials": 1, "epochs": EPOCHS},
+             "data": {"train_subset": 8000, "val_size": 1000}}
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTIMSWEEP_DATA", str(DATA))
+
+
+def epochs_reported(spec, trial_number: int = 0) -> int:
+    """The epochs the trial's run has logged so far."""
+    client, runs = mlflow_runs(spec, "trial")
+    run = next(r for r in runs if r.data.tags["optimsweep.trial_number"] == str(trial_number))
+    return len(client.get_metric_history(run.info.run_id, "val_accuracy"))
+
+
+def uninterrupted(spec, params: dict) -> dict[str, torch.Tensor]:
+    """What the trial's config gives trained in one go, in this process."""
+    config = config_from_params(spec.base_config(), params)
+    return train.fit(config, train.load_data(config)).model.state_dict()
+
+
+@pytest.mark.parametrize("signum, checkpoints", [(signal.SIGKILL, {"every": 0}),
+                                                 (signal.SIGTERM, True)],
+                         ids=["sigkill-every-epoch", "sigterm-default"])
+def test_a_trial_stopped_after_6_of_10_epochs_trains_only_the_4_left(tmp_path, signum,
+                                                                     checkpoints):
+    path = fashion_sweep(tmp_path, checkpoint=checkpoints, **ONE_TRIAL)
+    spec = load_spec(path)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    wait_until(lambda: running_trial(spec) and epochs_reported(spec) >= 6, timeout=120,
+               what="epoch 6 reported")
+    process.send_signal(signum)
+    finish(process)
+    assert load_study(spec).trials[0].state.name in ("RUNNING", "FAIL")
+
+    again = start("sweep", path, "--no-progress", cwd=tmp_path)
+    code, _, err = finish(again, timeout=180)
+    assert code == 0, err
+    assert f"trial 1: resumed at epoch 6 of {EPOCHS} (from the checkpoint of trial 0)" in err
+    client, runs, trials = assert_invariant(spec)
+    first, retry = trials
+    assert first.user_attrs["interrupted"] and retry.user_attrs["retry_of"] == 0
+    assert retry.state.name == "COMPLETE"
+    assert retry.user_attrs["resumed_from"] == {"trial": 0, "epoch": 6}
+    assert sorted(retry.intermediate_values) == list(range(1, EPOCHS + 1))
+    run_id = retry.user_attrs["mlflow_run_id"]
+    assert client.get_run(run_id).data.tags["optimsweep.resumed_from"] == "trial 0 epoch 6"
+    for metric in ("val_accuracy", "train_loss", "lr"):  # each epoch once
+        steps = [m.step for m in client.get_metric_history(run_id, metric)]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), metric
+    assert client.get_metric_history(run_id, "val_accuracy")[-1].value == retry.value
+
+    final = load_state_dict(client.download_artifacts(run_id, "state_dict.pt", str(tmp_path)))
+    expected = uninterrupted(spec, retry.params)
+    assert final.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+    # Finished: no checkpoint is left with either run, the state_dict stays.
+    for run in runs:
+        assert not client.list_artifacts(run.info.run_id, "checkpoints")
+    assert [f.path for f in client.list_artifacts(run_id) if f.path == "state_dict.pt"]
+
+
+# ---------------------------------------------------------------- bad checkpoints
+
+SMALL = TrainConfig(task="regression", model="linear", optimizer="adam", epochs=4,
+                    scheduler="plateau")
+
+
+def a_checkpoint(tmp_path: Path, config: TrainConfig = SMALL) -> Path:
+    """The real checkpoint a run of `config` writes after its first epoch."""
+    written = []
+
+    def sink(path, epoch):
+        written.append(tmp_path / path.name)
+        written[-1].write_bytes(path.read_bytes())
+
+    train.fit(config, train.load_data(config), checkpointer=Checkpointer(sink, every=0))
+    return written[0]
+
+
+def load(path: Path, config: TrainConfig = SMALL, **checks):
+    return checkpoint.load(path, dataclasses.asdict(config), "fp32", **checks)
+
+
+def test_a_checkpoint_continues_its_run_exactly(tmp_path):
+    config = dataclasses.replace(SMALL, epochs=6)
+    state = load(a_checkpoint(tmp_path, config), config, model=train.architecture(config),
+                 user_code=train.user_code_versions(config))
+    assert state.epoch == 1 and [s["epoch"] for s in state.history] == [1]
+    data = train.load_data(config)
+    resumed = train.fit(config, data, resume=state)
+    alone = train.fit(config, data)
+    assert [s.val_loss for s in resumed.history] == [s.val_loss for s in alone.history]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
+                                                 alone.model.state_dict().values(), strict=True))
+
+
+def test_a_torn_checkpoint_is_refused(tmp_path):
+    path = a_checkpoint(tmp_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(checkpoint.Refused, match="unreadable"):
+        load(path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path("pwned"),))
+
+
+def test_a_tampered_pickle_is_refused_and_never_run(tmp_path):
+    path = tmp_path / "epoch-0001.pt"
+    path.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "model": Payload()}))
+    with pytest.raises(checkpoint.Refused, match="unreadable"):
+        load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_checkpoint_of_another_config_model_or_code_is_refused(tmp_path):
+    path = a_checkpoint(tmp_path)
+    with pytest.raises(checkpoint.Refused, match="another config: lr 0.001 .now 0.01."):
+        load(path, dataclasses.replace(SMALL, lr=0.01))
+    with pytest.raises(checkpoint.Refused, match="trained in fp32"):
+        checkpoint.load(path, dataclasses.asdict(SMALL), "bf16")
+    other_model = torch.nn.Linear(3, 1)
+    with pytest.raises(checkpoint.Refused, match="from another model"):
+        load(path, model=other_model)
+    with pytest.raises(checkpoint.Refused, match="another version of the model code"):
+        load(path, user_code={"model": "mymodels 2.0"})
+    raw = torch.load(path, weights_only=True)
+    torch.save({**raw, "code": "0" * 16}, path)
+    with pytest.raises(checkpoint.Refused, match="another version of the training code"):
+        load(path)
+
+
+def test_a_torn_checkpoint_in_a_study_is_noted_and_the_trial_starts_over(tmp_path):
+    path = fashion_sweep(tmp_path, checkpoint={"every": 0},
+                         budget={"n_trials": 1, "epochs": 4},
+                         data={"train_subset": 4000, "val_size": 500})
+    spec = load_spec(path)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    wait_until(lambda: running_trial(spec) and epochs_reported(spec) >= 2, timeout=120,
+               what="epoch 2 reported")
+    process.kill()
+    finish(process)
+    (torn,) = (tmp_path / "mlruns" / "artifacts").rglob("checkpoints/epoch-*.pt")
+    torn.write_bytes(torn.read_bytes()[:1000])
+
+    code, _, err = finish(start("sweep", path, "--no-progress", cwd=tmp_path))
+    assert code == 0, err
+    assert f"note: trial 1: checkpoint checkpoints/{torn.name} of run" in err
+    assert "refused: unreadable" in err and "resumed at" not in err
+    client, runs, (first, retry) = assert_invariant(spec)
+    assert retry.state.name == "COMPLETE" and "resumed_from" not in retry.user_attrs
+    steps = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"],
+                                                       "val_accuracy")]
+    assert steps == [1, 2, 3, 4]
+    assert not list((tmp_path / "mlruns" / "artifacts").rglob("checkpoints/*.pt"))
