@@ -132,6 +132,10 @@ class CliProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    def output_so_far(self) -> str:
+        """What it has printed on stdout until now."""
+        return Path(self._out).read_text()
+
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self._process.join(timeout)
         if self._process.exitcode is None:

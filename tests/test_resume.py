@@ -121,8 +121,7 @@ def load(path: Path, config: TrainConfig = SMALL, **checks):
 
 def test_a_checkpoint_continues_its_run_exactly(tmp_path):
     config = dataclasses.replace(SMALL, epochs=6)
-    state = load(a_checkpoint(tmp_path, config), config, model=train.architecture(config),
-                 user_code=train.user_code_versions(config))
+    state = train.load_checkpoint(a_checkpoint(tmp_path, config), config)
     assert state.epoch == 1 and [s["epoch"] for s in state.history] == [1]
     data = train.load_data(config)
     resumed = train.fit(config, data, resume=state)
@@ -192,3 +191,104 @@ def test_a_torn_checkpoint_in_a_study_is_noted_and_the_trial_starts_over(tmp_pat
                                                        "val_accuracy")]
     assert steps == [1, 2, 3, 4]
     assert not list((tmp_path / "mlruns" / "artifacts").rglob("checkpoints/*.pt"))
+
+
+# ---------------------------------------------------------------- everything that trains
+
+
+def test_train_stopped_after_6_epochs_goes_on_from_its_checkpoint(tmp_path):
+    """`optimsweep train --save` checkpoints beside its target; SIGTERM writes the last
+    finished epoch; the same command again trains the 4 epochs left, and ends with the
+    weights of an uninterrupted run."""
+    flags = ["--optimizer", "adam", "--lr", "0.002", "--scheduler", "cosine",
+             "--epochs", EPOCHS, "--train-subset", 8000, "--val-size", 1000,
+             "--save", tmp_path / "model.pt"]
+    process = start("train", *flags, cwd=tmp_path)
+    wait_until(lambda: f"Epoch 6/{EPOCHS}" in process.output_so_far(), timeout=120,
+               what="epoch 6 printed")
+    process.send_signal(signal.SIGTERM)
+    assert finish(process)[0] == 143
+    assert (tmp_path / "model.pt.checkpoint").exists() and not (tmp_path / "model.pt").exists()
+
+    code, out, err = finish(start("train", *flags, cwd=tmp_path), timeout=180)
+    assert code == 0, err
+    assert f"resumed at epoch 6 of {EPOCHS} from" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("Epoch")] == [
+        f"{e}/{EPOCHS}" for e in range(7, EPOCHS + 1)]
+    assert not (tmp_path / "model.pt.checkpoint").exists()
+    config = TrainConfig(optimizer="adam", lr=0.002, scheduler="cosine", epochs=EPOCHS,
+                         train_subset=8000, val_size=1000)
+    expected = train.fit(config, train.load_data(config)).model.state_dict()
+    final = load_state_dict(tmp_path / "model.pt")
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+
+
+def confirm_runs(spec):
+    return mlflow_runs(spec, "confirm")
+
+
+def test_confirm_stopped_mid_seed_goes_on_from_its_checkpoint(tmp_path):
+    path = fashion_sweep(tmp_path, budget={"n_trials": 1, "epochs": 6},
+                         data={"train_subset": 6000, "val_size": 1000})
+    spec = load_spec(path)
+    assert finish(start("sweep", path, "--no-progress", cwd=tmp_path))[0] == 0
+
+    def confirm_epochs() -> int:
+        client, runs = confirm_runs(spec)
+        return runs and len(client.get_metric_history(runs[0].info.run_id, "val_accuracy"))
+
+    process = start("confirm", path, "--top-k", 1, "--seeds", 1, cwd=tmp_path)
+    wait_until(lambda: confirm_epochs() >= 3, timeout=120, what="confirm epoch 3")
+    process.send_signal(signal.SIGTERM)
+    assert finish(process)[0] == 143
+
+    code, out, err = finish(start("confirm", path, "--top-k", 1, "--seeds", 1, cwd=tmp_path))
+    assert code == 0, err
+    assert "confirm trial 000 seed 1: resumed at epoch 3 of 6 (from the checkpoint of run" in err
+    client, runs = confirm_runs(spec)
+    (done,) = [r for r in runs if r.info.status == "FINISHED"]
+    assert [m.step for m in client.get_metric_history(done.info.run_id, "val_accuracy")] == \
+        list(range(1, 7))
+    assert done.data.tags["optimsweep.resumed_from"].endswith("epoch 3")
+    assert [r.info.status for r in runs].count("FAILED") == 1
+    assert all(not client.list_artifacts(r.info.run_id, "checkpoints") for r in runs)
+    assert_invariant(spec)
+
+
+def test_a_fused_group_killed_mid_training_resumes_each_member(tmp_path):
+    """Two trials trained as one fused model, SIGKILLed after epoch 2 of 5: each retry goes
+    on from its own member's checkpoint, and ends where the config trained alone ends, within
+    the README's fused tolerance."""
+    path = fashion_sweep(tmp_path, fuse=2, checkpoint={"every": 0},
+                         budget={"n_trials": 2, "epochs": 5},
+                         data={"train_subset": 4000, "val_size": 1000},
+                         search_space={"optimizer": {"type": "categorical",
+                                                     "choices": ["momentum"]},
+                                       "lr": {"type": "float", "low": 1e-3, "high": 1e-2}})
+    spec = load_spec(path)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    wait_until(lambda: running_trial(spec) and min(epochs_reported(spec, n) for n in (0, 1))
+               >= 2, timeout=120, what="epoch 2 of both members")
+    process.kill()
+    finish(process)
+
+    code, _, err = finish(start("sweep", path, "--no-progress", cwd=tmp_path), timeout=180)
+    assert code == 0, err
+    client, runs, trials = assert_invariant(spec)
+    retries = [t for t in trials if "retry_of" in t.user_attrs]
+    assert sorted(t.user_attrs["retry_of"] for t in retries) == [0, 1]
+    for retry in retries:
+        epoch = retry.user_attrs["resumed_from"]["epoch"]
+        assert epoch >= 2 and f"trial {retry.number}: resumed at epoch {epoch} of 5" in err
+        run_id = retry.user_attrs["mlflow_run_id"]
+        assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == \
+            [1, 2, 3, 4, 5]
+        config = config_from_params(spec.base_config(), retry.params)
+        alone = train.fit(config, train.load_data(config))
+        curve = [m.value for m in client.get_metric_history(run_id, "val_loss")]
+        assert curve == pytest.approx([s.val_loss for s in alone.history], rel=1e-4)
+        final = load_state_dict(client.download_artifacts(run_id, "state_dict.pt",
+                                                          str(tmp_path / str(retry.number))))
+        for name, tensor in alone.model.state_dict().items():
+            torch.testing.assert_close(final[name], tensor, rtol=1e-3, atol=1e-3)

@@ -70,7 +70,8 @@ def cmd_train(args) -> int:
     n_train, n_val, n_test = data.sizes
     print(f"training {config.model} on {config.task} ({n_train} train / {n_val} validation / "
           f"{n_test} test{', streamed' if data.streaming else ''}) on {data.device}")
-    result = fit(config, data, on_epoch=lambda s: _print_epoch(config, s))
+    saved = _checkpoint_of(args, config)
+    result = fit(config, data, on_epoch=lambda s: _print_epoch(config, s), **saved)
     acc = "" if result.test_accuracy is None else f"Accuracy: {100 * result.test_accuracy:.1f}%, "
     extra = "".join(f", {k}: {v:.6g}" for k, v in result.test_extra.items())
     print(f"Test Error:\n {acc}Avg loss: {result.test_loss:.6f}{extra}")
@@ -79,7 +80,32 @@ def cmd_train(args) -> int:
 
         save_state_dict(result.model, args.save)
         print(f"state_dict saved to {args.save}")
+        _checkpoint_file(args.save).unlink(missing_ok=True)  # finished: nothing to go on from
     return 0
+
+
+def _checkpoint_file(save: Path) -> Path:
+    return save.with_name(save.name + ".checkpoint")
+
+
+def _checkpoint_of(args, config) -> dict:
+    """With --save, training is checkpointed beside the target, and goes on from a
+    checkpoint found there (unless --fresh)."""
+    from optimsweep.core import checkpoint
+    from optimsweep.core.train import load_checkpoint
+
+    if not args.save:
+        return {}
+    path, state = _checkpoint_file(args.save), None
+    if path.exists() and not args.fresh:
+        try:
+            state = load_checkpoint(path, config)
+            print(f"resumed at epoch {state.epoch} of {config.epochs} from {path}")
+        except checkpoint.Refused as exc:
+            print(f"note: checkpoint {path} refused: {exc}; training from epoch 0",
+                  file=sys.stderr)
+    writer = checkpoint.Checkpointer(checkpoint.file_sink(path), args.checkpoint_every)
+    return {"resume": state, "checkpointer": writer}
 
 
 def cmd_data(args) -> int:
@@ -190,6 +216,18 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def _every(value: str) -> str | float:
+    if value == "auto":
+        return value
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not allowed; choose auto or seconds >= 0")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="optimsweep", description=__doc__)
     parser.add_argument("--debug", action="store_true",
@@ -198,7 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one configuration (flags or --config FILE)")
     p.add_argument("--config", type=Path, help="YAML file of training parameters")
-    p.add_argument("--save", type=Path, help="write the final state_dict here")
+    p.add_argument("--save", type=Path, help="write the final state_dict here; training is "
+                   "checkpointed to SAVE.checkpoint meanwhile and goes on from it if stopped")
+    p.add_argument("--fresh", action="store_true",
+                   help="start from epoch 0 even if SAVE.checkpoint exists")
+    p.add_argument("--checkpoint-every", default="auto", type=_every,
+                   help="seconds between checkpoints (0: every epoch; auto: at most 2%% of "
+                   "the time)")
     _config_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -49,6 +49,18 @@ def _finished_runs(opened: OpenStudy) -> dict[tuple[int, int], object]:
     return found
 
 
+def _interrupted_runs(opened: OpenStudy) -> dict[tuple[int, int], list[str]]:
+    """This study's confirm runs that ended failed, by (trial number, seed), newest first:
+    a re-training goes on from their checkpoints."""
+    found: dict[tuple[int, int], list] = {}
+    for run in opened.tracker.runs(opened.ref.experiment_id, CONFIRM_ROLE):
+        tags = run.data.tags
+        if run.info.status == "FAILED" and tags.get(Tag.PARENT) == opened.ref.parent_run_id:
+            found.setdefault((int(tags[Tag.TRIAL]), int(tags[Tag.SEED])), []).append(run)
+    return {key: [r.info.run_id for r in sorted(runs, key=lambda r: -r.info.start_time)]
+            for key, runs in found.items()}
+
+
 def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> list[Confirmation]:
     """Re-train the top-k configs with `seeds` fresh seeds each; rank by the mean metric
     and remember the ranking (and which trials it covered) for `export`."""
@@ -62,7 +74,7 @@ def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> 
     fresh = [spec.seed + 1 + i for i in range(seeds)]  # never the seed the sweep used
     # The split all trials share.
     data = load_data(config_from_params(spec.base_config(), top[0].params))
-    finished = _finished_runs(opened)
+    finished, interrupted = _finished_runs(opened), _interrupted_runs(opened)
     results = []
     for trial in top:
         confirmation = Confirmation(trial.number, trial.params, fresh, [], [])
@@ -78,7 +90,8 @@ def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> 
                     f"{earlier.info.run_id}, finished earlier)")
                 continue
             config = dataclasses.replace(trained, seed=seed)
-            outcome = run_confirmation(opened, trial.number, config, trial.params, data)
+            outcome = run_confirmation(opened, trial.number, config, trial.params, data,
+                                       interrupted.get((trial.number, seed), []))
             if outcome.state != State.COMPLETE:
                 confirmation.values.append(math.nan)
                 log(f"trial {trial.number} seed {seed}: failed: {outcome.error}")

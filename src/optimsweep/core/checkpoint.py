@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from optimsweep.util.atomic import write_atomic
 
 FORMAT = 1
 AUTO_SHARE = 0.02  # the share of a trial's time `every: auto` lets writing take
@@ -181,6 +184,14 @@ def load(path: Path | str, config: dict, precision: str, *, user_code: dict | No
 
 
 Sink = Callable[[Path, int], None]  # (file, epoch): store the checkpoint, drop older ones
+
+
+def file_sink(target: Path) -> Sink:
+    """Checkpoints kept in one file, replaced whole (`train --save`)."""
+    def sink(path: Path, epoch: int) -> None:
+        with open(path, "rb") as source:
+            write_atomic(target, lambda fh: shutil.copyfileobj(source, fh))
+    return sink
 
 
 @dataclass

@@ -664,11 +664,17 @@ def user_code_versions(config: TrainConfig) -> dict[str, str]:
     return {role: code_version(ref, config.code_dir) for role, ref in config.user_code().items()}
 
 
-def architecture(config: TrainConfig) -> nn.Module:
-    """The config's model without memory (on the meta device): its parameters' names and
-    shapes."""
-    with torch.device("meta"):
-        return build_model(config.model, config.model_kwargs, config.code_dir)
+def load_checkpoint(path, config: TrainConfig) -> TrainingState:
+    """The checkpoint at `path` if `config` can go on from it here: same config, precision
+    (as resolved on this machine), model architecture and code; else checkpoint.Refused."""
+    precision = resolve_precision(config.precision, resolve_device(config.device))
+    try:
+        with torch.device("meta"):  # the architecture only, no memory
+            model = build_model(config.model, config.model_kwargs, config.code_dir)
+    except Exception:  # noqa: BLE001  (a factory that can't build there: the shapes are
+        model = None  # checked as the weights load)
+    return checkpoint.load(path, dataclasses.asdict(config), precision,
+                           user_code=user_code_versions(config), model=model)
 
 
 def _restore(member: _Member, state: TrainingState, stack: ModelStack, *, alone: bool) -> None:

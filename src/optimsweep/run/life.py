@@ -329,24 +329,36 @@ def _tell(opened: OpenStudy, trial: optuna.Trial, outcome: Outcome) -> None:
 
 
 def run_confirmation(opened: OpenStudy, trial_number: int, config: TrainConfig,
-                     sampled: dict, data) -> Outcome:
-    """One re-training of a trial's config with another seed, as a `confirm` child run."""
+                     sampled: dict, data, earlier: list[str] = ()) -> Outcome:
+    """One re-training of a trial's config with another seed, as a `confirm` child run; it
+    goes on from the newest usable checkpoint of `earlier` (interrupted confirm runs of the
+    same trial and seed), whose checkpoints it removes once it has finished."""
     ref, tracker, metric = opened.ref, opened.tracker, opened.spec.metric
+    what = f"confirm trial {trial_number:03d} seed {config.seed}"
     start = functools.partial(
         tracker.start_run, ref.experiment_id, ref.parent_run_id, ref.spec.name, trial_number,
-        role=CONFIRM_ROLE, run_name=f"confirm trial {trial_number:03d} seed {config.seed}",
-        tags={Tag.SEED: str(config.seed), **ref.run_tags()})
+        role=CONFIRM_ROLE, run_name=what, tags={Tag.SEED: str(config.seed), **ref.run_tags()})
     with owned_run(tracker, start) as outcome:
         run_id = outcome.run_id
         tracker.log_config(run_id, config, sampled)
+        found = resume.latest(tracker, [(r, None) for r in earlier], config, what)
+        if found is not None:
+            say(f"{what}: resumed at epoch {found.state.epoch} of {config.epochs} (from the "
+                f"checkpoint of {found.where})")
+            tracker.log_epochs(run_id, [EpochStats(**s) for s in found.state.history])
+            tracker.set_tag(run_id, Tag.RESUMED_FROM, f"{found.where} epoch {found.state.epoch}")
 
         def log_epoch(stats) -> bool:
             signals.check()  # a Ctrl-C whose first raise Python dropped stops here
             tracker.log_epoch(run_id, stats)
             return False
 
-        result = train.fit(config, data, on_epoch=log_epoch)
+        result = train.fit(config, data, on_epoch=log_epoch,
+                           resume=found.state if found else None,
+                           checkpointer=resume.checkpointer(tracker, run_id,
+                                                            opened.spec.checkpoint))
         tracker.log_result(run_id, result)
+        resume.drop(tracker, [run_id, *earlier])
         value = result.final.value(metric)
         if not math.isfinite(value):
             raise DivergedError(result.final.epoch, 0, value, what=metric)

@@ -13,7 +13,6 @@ one `note:` line; the next older one is tried, else training starts from epoch 0
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -44,29 +43,18 @@ class Found:
         return f"trial {self.trial}" if self.trial is not None else f"run {self.run_id}"
 
 
-def precision_of(config: TrainConfig) -> str:
-    return train.resolve_precision(config.precision, train.resolve_device(config.device))
-
-
 def latest(tracker: Tracker, runs: list[tuple[str, int | None]], config: TrainConfig,
            what: str) -> Found | None:
     """The newest usable checkpoint of `runs` ((run id, trial number), searched in order,
     each run's newest first) for `config`; a refused one gets a note naming `what` (the
     trial or confirm run that looked)."""
-    wanted, precision = dataclasses.asdict(config), precision_of(config)
-    checks = {"user_code": train.user_code_versions(config), "model": None}
-    try:
-        checks["model"] = train.architecture(config)
-    except Exception:  # noqa: BLE001  (a factory that can't build on the meta device: its
-        pass  # shapes are checked as the weights load)
     with tempfile.TemporaryDirectory() as tmp:
         for run_id, trial in runs:
             for name in tracker.checkpoints(run_id):
                 folder = Path(tmp) / run_id
                 try:
                     path = tracker.download(run_id, name, folder)
-                    return Found(checkpoint.load(path, wanted, precision, **checks), run_id,
-                                 trial)
+                    return Found(train.load_checkpoint(path, config), run_id, trial)
                 except checkpoint.Refused as exc:
                     log.warning(f"{what}: checkpoint {name} of run {run_id} refused: {exc}; "
                                 "not resumed from it")
