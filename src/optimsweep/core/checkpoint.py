@@ -19,6 +19,7 @@ artifacts, a file beside `train --save`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ class Refused(Exception):
     """A checkpoint that must not be resumed from; the message says why, in one line."""
 
 
+@functools.cache
 def code_version() -> str:
     """A fingerprint of the training core's source: a checkpoint written by other training
     code may not continue the same computation. Changes elsewhere (the CLI, the records)
