@@ -9,11 +9,11 @@ are stored in the model's own layout, so a member of a fused group resumes alone
 group. Files are read with `weights_only=True`: a tampered pickle is refused, never run.
 
 `Checkpointer` decides when a member's state is written: each epoch (`every: 0`), or once
-`every` seconds have passed since the last write, or (`auto`) spaced by the measured cost of a
-write so that writing takes at most `AUTO_SHARE` of the training time, whatever the model's
-size. The state of the last finished epoch is kept in memory between writes, so an interrupt
-writes it before the process exits. Where the file goes is the caller's (`sink`): a run's
-artifacts, a file beside `train --save`.
+`every` seconds of training have passed since the last write, or (`auto`) whenever the time
+spent on checkpoints so far plus one more write (its measured cost) stays within `AUTO_SHARE`
+of the time trained, whatever the model's size. The state of the last finished epoch is
+kept in memory between writes, so an interrupt writes it before the process exits. Where
+the file goes is the caller's (`sink`): a run's artifacts, a file beside `train --save`.
 """
 
 from __future__ import annotations
@@ -206,27 +206,29 @@ class Checkpointer:
     pending: TrainingState | None = None  # the last finished epoch, not yet written
     write_seconds: float = 0.0  # all writes so far (capturing included)
     writes: int = 0
-    _trained: float = 0.0  # seconds trained since the last write
+    _trained: float = 0.0  # seconds trained, in all
+    _since_write: float = 0.0  # seconds trained since the last write
     _last_cost: float | None = None
 
     def _due(self) -> bool:
-        if self.every == "auto":  # one write per (its cost / AUTO_SHARE) seconds of training
+        if self.every == "auto":  # all writing (and keeping) so far within AUTO_SHARE
             cost = self._last_cost
             if cost is None:
                 cost = ASSUMED_LATENCY + nbytes(self.pending) / ASSUMED_BYTES_PER_SECOND
-            return self._trained * AUTO_SHARE >= cost
-        return self._trained >= float(self.every)
+            return self.write_seconds + cost <= AUTO_SHARE * self._trained
+        return self._since_write >= float(self.every)
 
     def epoch_end(self, state: Callable[[], TrainingState], seconds: float) -> None:
         """A member trained an epoch in `seconds` and goes on: keep its state, and write
         it when due."""
         start = time.perf_counter()
         self._trained += seconds
+        self._since_write += seconds
         self.pending = state()
+        kept = time.perf_counter()
+        self.write_seconds += kept - start  # keeping the state in memory costs too
         if self._due():
-            self._write(start)
-        else:
-            self.write_seconds += time.perf_counter() - start
+            self._write(kept)
 
     def flush(self) -> None:
         """Write the last finished epoch's state if it was not written yet (on an
@@ -244,5 +246,5 @@ class Checkpointer:
         self._last_cost = time.perf_counter() - start
         self.write_seconds += self._last_cost
         self.writes += 1
-        self._trained = 0.0
+        self._since_write = 0.0
 
