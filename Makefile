@@ -9,7 +9,7 @@ SERVICES ?= .services
 ARGS   ?=
 
 .PHONY: install data browser services services-stop sweep ui export best confirm train test \
-        bench bench-core bench-scaling lint clean
+        bench bench-checkpoints bench-core bench-scaling lint clean
 
 install: $(VENV)/.installed
 
@@ -69,9 +69,15 @@ test: data browser
 	$(BIN)/python -m pytest $(ARGS)
 
 # Trials per hour: fused against sequential, fp32 against bf16, Adam against SGD, the default
-# study end to end (about 15 minutes on 2 cores). bench-core: the core against the tutorial.
+# study end to end (about 15 minutes on 2 cores), then what checkpoints cost a trial (5-10
+# minutes more; alone: bench-checkpoints, ARGS to it). bench-core: the core against the
+# tutorial.
 bench: data
 	$(BIN)/python benchmarks/bench_sweep.py $(ARGS)
+	$(BIN)/python benchmarks/bench_checkpoints.py
+
+bench-checkpoints: data
+	$(BIN)/python benchmarks/bench_checkpoints.py $(ARGS)
 
 bench-core: data
 	$(BIN)/python benchmarks/bench_core.py $(ARGS)

@@ -44,3 +44,19 @@ def test_bench_core_runs_every_loop_side_by_side_and_prints_each_ratio():
     # and an optimizer can beat them
     assert float(ceiling.group(1)) > float(speedup.group(1)) > 0
     assert 0 < float(roofline.group(1)) < 150
+
+
+def test_bench_checkpoints_prints_each_variants_writes_and_shares():
+    # Two epochs: the one checkpoint of `every: 0` (none is written after the last epoch).
+    out = run("bench_checkpoints.py", "--rounds", "1", "--epochs", "2",
+              "--train-images", "640")
+    assert re.search(r"^CPU: .+, \d+ cores, torch threads \d+; flags: ", out, re.M), out
+    assert "2 epochs (fewer than the study's 15)" in out, out
+    each = re.search(r"every: 0 \(each epoch\) +[\d.]+ s per trial .*; 1 writes, [\d.]+ s = "
+                     r"[\d.]+% of training; wall [\d.]+x no checkpoints", out)
+    auto = re.search(r"every: auto +[\d.]+ s per trial .*; [01] writes, [\d.]+ s = "
+                     r"[\d.]+% of training; wall [\d.]+x", out)
+    assert each and auto, out
+    size = re.search(r"^checkpoint file: ([\d.]+) MB; files kept per run: 1$", out, re.M)
+    assert size and float(size.group(1)) > 2.7, out  # the MLP's weights alone: 2.7 MB
+    assert re.search(r"^target: every: auto .*: (met|MISSED) \([\d.]+%\)$", out, re.M), out
