@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from optimsweep import services
 from optimsweep.records.tracking import Tracker
 from optimsweep.sweep.check import load_spec
 from records import (
+    DATA,
     assert_invariant,
     finish,
     launch,
@@ -221,6 +223,67 @@ def test_worker_killed_on_another_host_is_failed_and_retried_within_grace(server
     assert retry_run.data.tags["optimsweep.retry_of"] == str(victim.number)
     counted = [t for t in trials if not t.user_attrs.get("interrupted")]
     assert len(counted) == 2 and all(t.state == TrialState.COMPLETE for t in counted)
+    workers.assert_no_password(servers)
+
+
+def test_a_worker_killed_mid_trial_is_resumed_from_its_checkpoint_by_a_worker_elsewhere(
+        servers, tmp_path):
+    """Worker A is SIGKILLed once its trial has checkpointed; worker B, in another folder
+    with its own copy of the file and no path to the server's artifacts but HTTP, fails
+    the dead trial, retries it from that checkpoint and removes every checkpoint after."""
+    workers = Workers(servers, tmp_path)
+    workers.env["OPTIMSWEEP_DATA"] = str(DATA)
+    epochs = 4
+    # Real FashionMNIST, about 0.3 s an epoch here.
+    fashion = {"task": "fashion_mnist", "model": "mlp", "metric": "val_accuracy",
+               "data": {"train_subset": 2000, "val_size": 500}, "checkpoint": {"every": 0},
+               "search_space": {"optimizer": "adam",
+                                "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2}}}
+    a, b = (server_sweep(tmp_path / w, "resumed", n_trials=1, epochs=epochs, **fashion)
+            for w in ("a", "b"))
+    spec = workers.spec(a)
+    client = MlflowClient(spec.tracking_uri)
+    doomed = workers.start("a", "sweep", a.name, "--no-progress")
+    try:
+        # One study object polled (not one opened per poll): the workers have the CPUs.
+        study = wait_until(lambda: load_study(spec), timeout=60, what="the study")
+        victim = wait_until(
+            lambda: next((t for t in study.get_trials(deepcopy=False, states=(
+                TrialState.RUNNING,)) if len(t.intermediate_values) >= 2), None),
+            timeout=120, what="epoch 2 reported")
+    finally:
+        doomed.kill()
+        workers.finish(doomed)
+    run_id = victim.user_attrs["mlflow_run_id"]
+    # Its checkpoint is kept by the server, reached over HTTP: in neither A's nor B's folder.
+    assert tmp_path not in Path(servers.folder).parents
+    assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    written = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
+    assert written and not list(tmp_path.rglob("*.pt"))
+
+    code, err = workers.run("b", "sweep", b.name, "--no-progress", timeout=180)
+    assert code == 0, err
+    line = re.search(rf"trial 1: resumed at epoch (\d) of {epochs} \(from the checkpoint of "
+                     r"trial 0\)", err)
+    assert line, err
+    epoch = int(line[1])
+    assert 2 <= epoch < epochs and f"checkpoints/epoch-{epoch:04d}.pt" in written
+    client, runs, trials = assert_invariant(spec)
+    first, retry = trials
+    assert first.user_attrs["interrupted"] and retry.user_attrs["retry_of"] == 0
+    assert retry.state == TrialState.COMPLETE and retry.params == first.params
+    assert retry.user_attrs["resumed_from"] == {"trial": 0, "epoch": epoch}
+    retry_id = retry.user_attrs["mlflow_run_id"]
+    assert client.get_run(retry_id).data.tags["optimsweep.resumed_from"] == \
+        f"trial 0 epoch {epoch}"
+    steps = [m.step for m in client.get_metric_history(retry_id, "val_accuracy")]
+    assert sorted(steps) == list(range(1, epochs + 1))  # each epoch once
+    # Finished: no checkpoint is left, through the API or on the server's disk.
+    for run in runs:
+        assert not client.list_artifacts(run.info.run_id, "checkpoints")
+    assert not list(Path(servers.folder, "artifacts").rglob("checkpoints/*.pt"))
+    assert not list(tmp_path.rglob("*.pt"))  # B downloaded it into a temporary folder
+    assert "state_dict.pt" in [f.path for f in client.list_artifacts(retry_id)]
     workers.assert_no_password(servers)
 
 
