@@ -270,10 +270,10 @@ def test_a_grid_covers_every_point_once_even_after_an_interrupted_trial(tmp_path
     real_fit = optimsweep.core.train.fit_group
     calls = iter(range(100))
 
-    def fit_interrupted_once(configs, data, on_epoch=None):
+    def fit_interrupted_once(configs, data, on_epoch=None, **checkpoints):
         if next(calls) == 1:
             raise KeyboardInterrupt  # what Ctrl-C raises inside fit
-        return real_fit(configs, data, on_epoch)
+        return real_fit(configs, data, on_epoch, **checkpoints)
 
     monkeypatch.setattr(optimsweep.core.train, "fit_group", fit_interrupted_once)
     path = line_sweep(tmp_path, budget={"n_trials": 6, "epochs": 1}, sampler={"name": "grid"},
@@ -341,11 +341,11 @@ def test_any_failure_inside_a_trial_fails_that_trial_and_the_study_goes_on(tmp_p
     failures = iter([None, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"),
                      optimsweep.core.train.ConfigError("device: 'cuda' was asked for"), None])
 
-    def fit_or_fail(configs, data, on_epoch=None):
+    def fit_or_fail(configs, data, on_epoch=None, **checkpoints):
         failure = next(failures)
         if failure is not None:
             raise failure
-        return real_fit(configs, data, on_epoch)
+        return real_fit(configs, data, on_epoch, **checkpoints)
 
     monkeypatch.setattr(optimsweep.core.train, "fit_group", fit_or_fail)
     spec = load(line_sweep(tmp_path, budget={"n_trials": 4, "epochs": 2}))
@@ -377,12 +377,12 @@ def test_a_tracking_store_that_cant_be_written_stops_the_sweep_with_one_line(tmp
     real_fit = optimsweep.core.train.fit_group
     calls = iter(range(100))
 
-    def fit_with_the_store_broken_once(configs, data, on_epoch=None):
+    def fit_with_the_store_broken_once(configs, data, on_epoch=None, **checkpoints):
         if next(calls) == 0:
             assert running_trial(spec) is not None
             artifacts.rename(tmp_path / "moved")
             artifacts.write_text("not a folder")
-        return real_fit(configs, data, on_epoch)
+        return real_fit(configs, data, on_epoch, **checkpoints)
 
     monkeypatch.setattr(optimsweep.core.train, "fit_group", fit_with_the_store_broken_once)
     code, _, err = run_cli(capsys, "sweep", path, "--no-progress")
@@ -593,10 +593,10 @@ def test_confirm_fails_one_seeds_run_and_goes_on(tmp_path, monkeypatch):
     real_fit = optimsweep.core.train.fit
     calls = iter(range(100))
 
-    def fit_failing_once(config, data, on_epoch=None):
+    def fit_failing_once(config, data, on_epoch=None, **checkpoints):
         if next(calls) == 1:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
-        return real_fit(config, data, on_epoch)
+        return real_fit(config, data, on_epoch, **checkpoints)
 
     monkeypatch.setattr(optimsweep.core.train, "fit", fit_failing_once)
     results = confirm(open_existing(path), top_k=2, seeds=2, log=lambda _: None)
