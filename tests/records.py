@@ -68,10 +68,11 @@ def assert_invariant(spec, n_trials: int | None = None):
 
 
 # The modules every `optimsweep` command imports (torch and MLflow: about 7 s per process
-# start on a 2-core machine), imported once by multiprocessing's fork server.
+# start on a 2-core machine), imported once by multiprocessing's fork server, and what the
+# first FashionMNIST load and study plots import lazily (preloaded.py: about 4 s more).
 PRELOAD = ["optimsweep.cli", "optimsweep.run.runner", "optimsweep.run.study",
            "optimsweep.sweep.check", "optimsweep.report", "optimsweep.confirm",
-           "optimsweep.export"]
+           "optimsweep.export", "preloaded"]
 
 
 def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:

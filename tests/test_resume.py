@@ -23,7 +23,6 @@ from records import (
     finish,
     load_study,
     mlflow_runs,
-    running_trial,
     start,
     wait_until,
 )
@@ -31,9 +30,10 @@ from sweeps import fashion_sweep
 from sweeps import load as load_spec
 
 EPOCHS = 10
-# About half a second an epoch here: a signal sent once epoch 6 is reported lands in epoch 7.
+# About a third of a second an epoch here: a signal sent once epoch 6 is reported lands in
+# epoch 7.
 ONE_TRIAL = {"budget": {"n_trials": 1, "epochs": EPOCHS},
-             "data": {"train_subset": 8000, "val_size": 1000}}
+             "data": {"train_subset": 3000, "val_size": 1000}}
 
 
 @pytest.fixture(autouse=True)
@@ -42,11 +42,20 @@ def in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTIMSWEEP_DATA", str(DATA))
 
 
-def epochs_reported(spec, trial_number: int = 0) -> int:
-    """The epochs the trial's run has logged so far."""
-    client, runs = mlflow_runs(spec, "trial")
-    run = next(r for r in runs if r.data.tags["optimsweep.trial_number"] == str(trial_number))
-    return len(client.get_metric_history(run.info.run_id, "val_accuracy"))
+class Epochs:
+    """How many epochs a trial's run has reported: polled cheaply (one client, the run
+    looked up once) so the poll leaves the CPU to the process it watches."""
+
+    def __init__(self, spec, trial_number: int = 0, role: str = "trial"):
+        self.spec, self.trial, self.role, self.run_id = spec, str(trial_number), role, None
+        self.client = None
+
+    def __call__(self) -> int:
+        if self.run_id is None:
+            self.client, runs = mlflow_runs(self.spec, self.role)
+            self.run_id = next(r.info.run_id for r in runs
+                               if r.data.tags["optimsweep.trial_number"] == self.trial)
+        return len(self.client.get_metric_history(self.run_id, "val_accuracy"))
 
 
 def uninterrupted(spec, params: dict) -> dict[str, torch.Tensor]:
@@ -63,7 +72,8 @@ def test_a_trial_stopped_after_6_of_10_epochs_trains_only_the_4_left(tmp_path, s
     path = fashion_sweep(tmp_path, checkpoint=checkpoints, **ONE_TRIAL)
     spec = load_spec(path)
     process = start("sweep", path, "--no-progress", cwd=tmp_path)
-    wait_until(lambda: running_trial(spec) and epochs_reported(spec) >= 6, timeout=120,
+    epochs = Epochs(spec)
+    wait_until(lambda: epochs() >= 6, timeout=120,
                what="epoch 6 reported")
     process.send_signal(signum)
     finish(process)
@@ -171,10 +181,11 @@ def test_a_checkpoint_of_another_config_model_or_code_is_refused(tmp_path):
 def test_a_torn_checkpoint_in_a_study_is_noted_and_the_trial_starts_over(tmp_path):
     path = fashion_sweep(tmp_path, checkpoint={"every": 0},
                          budget={"n_trials": 1, "epochs": 4},
-                         data={"train_subset": 4000, "val_size": 500})
+                         data={"train_subset": 2000, "val_size": 500})
     spec = load_spec(path)
     process = start("sweep", path, "--no-progress", cwd=tmp_path)
-    wait_until(lambda: running_trial(spec) and epochs_reported(spec) >= 2, timeout=120,
+    epochs = Epochs(spec)
+    wait_until(lambda: epochs() >= 2, timeout=120,
                what="epoch 2 reported")
     process.kill()
     finish(process)
@@ -201,7 +212,7 @@ def test_train_stopped_after_6_epochs_goes_on_from_its_checkpoint(tmp_path):
     finished epoch; the same command again trains the 4 epochs left, and ends with the
     weights of an uninterrupted run."""
     flags = ["--optimizer", "adam", "--lr", "0.002", "--scheduler", "cosine",
-             "--epochs", EPOCHS, "--train-subset", 8000, "--val-size", 1000,
+             "--epochs", EPOCHS, "--train-subset", 3000, "--val-size", 1000,
              "--save", tmp_path / "model.pt"]
     process = start("train", *flags, cwd=tmp_path)
     wait_until(lambda: f"Epoch 6/{EPOCHS}" in process.output_so_far(), timeout=120,
@@ -217,7 +228,7 @@ def test_train_stopped_after_6_epochs_goes_on_from_its_checkpoint(tmp_path):
         f"{e}/{EPOCHS}" for e in range(7, EPOCHS + 1)]
     assert not (tmp_path / "model.pt.checkpoint").exists()
     config = TrainConfig(optimizer="adam", lr=0.002, scheduler="cosine", epochs=EPOCHS,
-                         train_subset=8000, val_size=1000)
+                         train_subset=3000, val_size=1000)
     expected = train.fit(config, train.load_data(config)).model.state_dict()
     final = load_state_dict(tmp_path / "model.pt")
     for name, tensor in expected.items():
@@ -230,15 +241,12 @@ def confirm_runs(spec):
 
 def test_confirm_stopped_mid_seed_goes_on_from_its_checkpoint(tmp_path):
     path = fashion_sweep(tmp_path, budget={"n_trials": 1, "epochs": 6},
-                         data={"train_subset": 6000, "val_size": 1000})
+                         data={"train_subset": 3000, "val_size": 1000})
     spec = load_spec(path)
     assert finish(start("sweep", path, "--no-progress", cwd=tmp_path))[0] == 0
 
-    def confirm_epochs() -> int:
-        client, runs = confirm_runs(spec)
-        return runs and len(client.get_metric_history(runs[0].info.run_id, "val_accuracy"))
-
     process = start("confirm", path, "--top-k", 1, "--seeds", 1, cwd=tmp_path)
+    confirm_epochs = Epochs(spec, 0, "confirm")
     wait_until(lambda: confirm_epochs() >= 3, timeout=120, what="confirm epoch 3")
     process.send_signal(signal.SIGTERM)
     assert finish(process)[0] == 143
@@ -262,14 +270,15 @@ def test_a_fused_group_killed_mid_training_resumes_each_member(tmp_path):
     the README's fused tolerance."""
     path = fashion_sweep(tmp_path, fuse=2, checkpoint={"every": 0},
                          budget={"n_trials": 2, "epochs": 5},
-                         data={"train_subset": 4000, "val_size": 1000},
+                         data={"train_subset": 2000, "val_size": 1000},
                          search_space={"optimizer": {"type": "categorical",
                                                      "choices": ["momentum"]},
                                        "lr": {"type": "float", "low": 1e-3, "high": 1e-2}})
     spec = load_spec(path)
     process = start("sweep", path, "--no-progress", cwd=tmp_path)
-    wait_until(lambda: running_trial(spec) and min(epochs_reported(spec, n) for n in (0, 1))
-               >= 2, timeout=120, what="epoch 2 of both members")
+    members = [Epochs(spec, 0), Epochs(spec, 1)]
+    wait_until(lambda: min(epochs() for epochs in members) >= 2, timeout=120,
+               what="epoch 2 of both members")
     process.kill()
     finish(process)
 
