@@ -174,24 +174,19 @@ print(int(denormal.sum()), accuracy)
 """
 
 
-def _printed(process: subprocess.Popen) -> tuple[int, float]:
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode == 0
-    count, accuracy = out.split()
-    return int(count), float(accuracy)
-
-
 def test_flushing_denormals_keeps_learning_and_removes_them():
     """Adam's moment estimates of weights whose gradients died out decay into denormal
     floats, which CPUs compute several times slower. A process using the core flushes them
     in every thread: its Adam state holds none, and it learns the same within noise as a
     process that keeps them."""
-    loops = str(Path(__file__).parents[1] / "benchmarks")
-    # Both at once: each spends most of its start importing torch, one core's work.
-    processes = [subprocess.Popen([sys.executable, "-c", DENORMALS, mode, loops], text=True,
-                                  stdout=subprocess.PIPE) for mode in ("keep", "core")]
-    (denormals_kept, accuracy_kept), (denormals_core, accuracy_core) = [
-        _printed(process) for process in processes]
+    def train(mode: str) -> tuple[int, float]:
+        loops = str(Path(__file__).parents[1] / "benchmarks")
+        out = subprocess.run([sys.executable, "-c", DENORMALS, mode, loops], capture_output=True,
+                             text=True, check=True, timeout=300).stdout.split()
+        return int(out[0]), float(out[1])
+
+    denormals_kept, accuracy_kept = train("keep")
+    denormals_core, accuracy_core = train("core")
     assert denormals_kept > 10_000 and denormals_core == 0
     assert accuracy_core == pytest.approx(accuracy_kept, abs=0.01)
 
