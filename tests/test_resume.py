@@ -165,6 +165,8 @@ def test_a_checkpoint_of_another_config_model_or_code_is_refused(tmp_path):
     path = a_checkpoint(tmp_path)
     with pytest.raises(checkpoint.Refused, match="another config: lr 0.001 .now 0.01."):
         load(path, dataclasses.replace(SMALL, lr=0.01))
+    with pytest.raises(checkpoint.Refused, match="another config: epochs 4 .now 8."):
+        load(path, dataclasses.replace(SMALL, epochs=8))  # another LR schedule
     with pytest.raises(checkpoint.Refused, match="trained in fp32"):
         checkpoint.load(path, dataclasses.asdict(SMALL), "bf16")
     other_model = torch.nn.Linear(3, 1)

@@ -39,7 +39,7 @@ AUTO_SHARE = 0.02  # the share of a trial's time `every: auto` lets writing take
 ASSUMED_LATENCY, ASSUMED_BYTES_PER_SECOND = 0.05, 100e6
 # Fields that say how a run is carried out (where the code lives, when data streams), not
 # what it learns: a worker in another folder resumes a checkpoint whatever they are.
-NOT_COMPARED = ("code_dir", "in_memory_mb", "epochs")
+NOT_COMPARED = ("code_dir", "in_memory_mb")
 
 
 class Refused(Exception):
