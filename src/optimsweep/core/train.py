@@ -641,7 +641,10 @@ def fit_group(
         # Interrupted (or the whole group failed): what each member finished is kept.
         for i in live:
             if members[i].checkpointer is not None:
-                members[i].checkpointer.flush()
+                try:
+                    members[i].checkpointer.flush()
+                except Exception:  # noqa: BLE001  (lost with its store: the reason the
+                    pass  # group stopped is what goes on up)
         raise
     return [outcomes[i] for i in range(len(members))]
 

@@ -190,8 +190,9 @@ def _run_group(opened: OpenStudy, group: list[_Member], data) -> None:
                     raise member.problem
                 opened.tracker.log_config(member.run_id, member.config, member.trial.params)
                 _resume(opened, member)
-                member.writer = resume.checkpointer(opened.tracker, member.run_id,
-                                                    opened.spec.checkpoint)
+                member.writer = resume.checkpointer(
+                    opened.tracker, member.run_id, opened.spec.checkpoint,
+                    functools.partial(_check_mine, opened, member.trial))
                 fitting.append(member)
             except Exception as exc:  # noqa: BLE001
                 if _record_failure(member.outcome, exc):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,19 @@ def retried_runs(study: optuna.Study, trial: optuna.Trial) -> list[tuple[str, in
     return runs
 
 
-def checkpointer(tracker: Tracker, run_id: str, every: float | str | None) -> Checkpointer | None:
-    """Where a run's checkpoints go: with the run, in the tracking store."""
+def checkpointer(tracker: Tracker, run_id: str, every: float | str | None,
+                 still_ours: Callable[[], None] | None = None) -> Checkpointer | None:
+    """Where a run's checkpoints go: with the run, in the tracking store; `still_ours()`
+    raises when the run is no longer this process's to write (a trial taken by another)."""
     if every is None:
         return None
-    return Checkpointer(lambda path, epoch: tracker.log_checkpoint(run_id, path, epoch), every)
+
+    def sink(path: Path, epoch: int) -> None:
+        if still_ours is not None:
+            still_ours()
+        tracker.log_checkpoint(run_id, path, epoch)
+
+    return Checkpointer(sink, every)
 
 
 def describe_writes(writer: Checkpointer | None, seconds: float) -> str | None:
