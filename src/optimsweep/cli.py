@@ -217,15 +217,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _every(value: str) -> str | float:
-    if value == "auto":
-        return value
+    from optimsweep.core.checkpoint import parse_every
+
     try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not allowed; choose auto or seconds >= 0")
-    return seconds
+        return parse_every(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

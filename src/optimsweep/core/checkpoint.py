@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from optimsweep.util import values
 from optimsweep.util.atomic import write_atomic
 
 FORMAT = 1
@@ -40,6 +41,21 @@ ASSUMED_LATENCY, ASSUMED_BYTES_PER_SECOND = 0.05, 100e6
 # Fields that say how a run is carried out (where the code lives, when data streams), not
 # what it learns: a worker in another folder resumes a checkpoint whatever they are.
 NOT_COMPARED = ("code_dir", "in_memory_mb")
+
+
+def parse_every(value) -> float | str:
+    """`every` as a sweep file or the command line gives it: "auto", or seconds >= 0 (a
+    number, or a string that reads as one); ValueError saying what is allowed."""
+    if value == "auto":
+        return value
+    try:
+        seconds = values.number(value, float)
+    except values.Unfit:
+        seconds = -1.0
+    if seconds < 0:
+        raise ValueError(f"{value!r} is not allowed; choose auto, or seconds >= 0 between "
+                         "checkpoints (0: every epoch)")
+    return seconds
 
 
 class Refused(Exception):
@@ -93,10 +109,10 @@ def transpose_optimizer_state(state: dict, flipped: list[bool]) -> dict:
     """An optimizer's state_dict with the 2-D state of the parameters at `flipped` positions
     transposed: between a fused stack's (in, out) layout and the model's (out, in)."""
     out = dict(state, state={})
-    for index, values in state["state"].items():
+    for index, param_state in state["state"].items():
         flip = flipped[int(index)]
         out["state"][index] = {k: v.t().contiguous() if flip and isinstance(v, torch.Tensor)
-                               and v.dim() == 2 else v for k, v in values.items()}
+                               and v.dim() == 2 else v for k, v in param_state.items()}
     return out
 
 

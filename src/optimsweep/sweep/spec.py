@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 import yaml
 
+from optimsweep.core.checkpoint import parse_every
 from optimsweep.core.data import TASKS
 from optimsweep.core.models import MODELS, MODELS_BY_TASK
 from optimsweep.core.train import (
@@ -475,16 +476,10 @@ def _parse_checkpoint(path: Path, raw) -> float | str | None:
         raise _fail(path, "checkpoint", f"{raw!r} is not allowed; choose true, false, or "
                     "{every: SECONDS} (0: every epoch; auto: at most 2% of the time)")
     every = _mapping(path, "checkpoint", raw, CHECKPOINT_KEYS).get("every", "auto")
-    if every == "auto":
-        return every
     try:
-        seconds = values.number(every, float)
-    except values.Unfit:
-        seconds = -1.0
-    if seconds < 0:
-        raise _fail(path, "checkpoint.every", f"{every!r} is not allowed; choose auto, or "
-                    "seconds >= 0 between checkpoints (0: every epoch)")
-    return seconds
+        return parse_every(every)
+    except ValueError as exc:
+        raise _fail(path, "checkpoint.every", str(exc)) from None
 
 
 def _parse_budget(path: Path, raw: dict) -> Budget:
