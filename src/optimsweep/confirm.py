@@ -37,28 +37,34 @@ class Confirmation:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
 
-def _finished_runs(opened: OpenStudy) -> dict[tuple[int, int], object]:
-    """This study's finished confirm runs, by (trial number, seed): a re-training that
-    completed once is not trained again."""
+def _confirm_runs(opened: OpenStudy) -> list:
+    """This study's confirm runs (children of its parent run)."""
+    return [run for run in opened.tracker.runs(opened.ref.experiment_id, CONFIRM_ROLE)
+            if run.data.tags.get(Tag.PARENT) == opened.ref.parent_run_id]
+
+
+def _finished_runs(runs: list, metric: str) -> dict[tuple[int, int], object]:
+    """The finished confirm runs, by (trial number, seed): a re-training that completed once
+    is not trained again."""
     found = {}
-    for run in opened.tracker.runs(opened.ref.experiment_id, CONFIRM_ROLE):
-        tags = run.data.tags
-        if (run.info.status == "FINISHED" and tags.get(Tag.PARENT) == opened.ref.parent_run_id
-                and opened.spec.metric in run.data.metrics):
-            found.setdefault((int(tags[Tag.TRIAL]), int(tags[Tag.SEED])), run)
+    for run in runs:
+        if run.info.status == "FINISHED" and metric in run.data.metrics:
+            found.setdefault(_trial_and_seed(run), run)
     return found
 
 
-def _interrupted_runs(opened: OpenStudy) -> dict[tuple[int, int], list[str]]:
-    """This study's confirm runs that ended failed, by (trial number, seed), newest first:
-    a re-training goes on from their checkpoints."""
-    found: dict[tuple[int, int], list] = {}
-    for run in opened.tracker.runs(opened.ref.experiment_id, CONFIRM_ROLE):
-        tags = run.data.tags
-        if run.info.status == "FAILED" and tags.get(Tag.PARENT) == opened.ref.parent_run_id:
-            found.setdefault((int(tags[Tag.TRIAL]), int(tags[Tag.SEED])), []).append(run)
-    return {key: [r.info.run_id for r in sorted(runs, key=lambda r: -r.info.start_time)]
-            for key, runs in found.items()}
+def _interrupted_runs(runs: list) -> dict[tuple[int, int], list[str]]:
+    """The confirm runs that ended failed, by (trial number, seed), newest first: a
+    re-training goes on from their checkpoints."""
+    found: dict[tuple[int, int], list[str]] = {}
+    for run in sorted(runs, key=lambda r: -r.info.start_time):
+        if run.info.status == "FAILED":
+            found.setdefault(_trial_and_seed(run), []).append(run.info.run_id)
+    return found
+
+
+def _trial_and_seed(run) -> tuple[int, int]:
+    return int(run.data.tags[Tag.TRIAL]), int(run.data.tags[Tag.SEED])
 
 
 def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> list[Confirmation]:
@@ -74,7 +80,8 @@ def confirm(opened: OpenStudy, *, top_k: int = 3, seeds: int = 3, log=print) -> 
     fresh = [spec.seed + 1 + i for i in range(seeds)]  # never the seed the sweep used
     # The split all trials share.
     data = load_data(config_from_params(spec.base_config(), top[0].params))
-    finished, interrupted = _finished_runs(opened), _interrupted_runs(opened)
+    runs = _confirm_runs(opened)
+    finished, interrupted = _finished_runs(runs, spec.metric), _interrupted_runs(runs)
     results = []
     for trial in top:
         confirmation = Confirmation(trial.number, trial.params, fresh, [], [])

@@ -86,6 +86,18 @@ def _environment(values: dict[str, int]) -> Iterator[None]:
             os.environ.pop(var, None)
 
 
+_BATCH_METRICS = 1000  # MLflow's limit on the metrics of one log_batch
+
+
+def _epoch_metrics(stats: EpochStats, timestamp: int) -> list[Metric]:
+    """One epoch's curve points: losses, accuracy, learning rate, seconds, user metric."""
+    values = {"train_loss": stats.train_loss, "val_loss": stats.val_loss,
+              "val_accuracy": stats.val_accuracy, "lr": stats.lr,
+              "epoch_seconds": stats.seconds, **stats.extra}
+    return [Metric(k, float(v), timestamp, stats.epoch) for k, v in values.items()
+            if v is not None]
+
+
 def resolve_tracking_uri(spec_uri: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or DEFAULT_TRACKING_URI
 
@@ -322,18 +334,16 @@ class Tracker:
 
     @_store_call
     def log_epoch(self, run_id: str, stats: EpochStats) -> None:
-        now = int(time.time() * 1000)
-        values = {"train_loss": stats.train_loss, "val_loss": stats.val_loss,
-                  "val_accuracy": stats.val_accuracy, "lr": stats.lr,
-                  "epoch_seconds": stats.seconds, **stats.extra}
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, stats.epoch)
-                                               for k, v in values.items() if v is not None])
+        self.client.log_batch(run_id, metrics=_epoch_metrics(stats, int(time.time() * 1000)))
 
     @_store_call
     def log_epochs(self, run_id: str, history: list[EpochStats]) -> None:
-        """The curve a resumed run continues: the epochs its checkpoint holds."""
-        for stats in history:
-            self.log_epoch(run_id, stats)
+        """The curve a resumed run continues: the epochs its checkpoint holds, in as few
+        requests as MLflow's batch limit allows."""
+        now = int(time.time() * 1000)
+        metrics = [m for stats in history for m in _epoch_metrics(stats, now)]
+        for start in range(0, len(metrics), _BATCH_METRICS):
+            self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH_METRICS])
 
     @_store_call
     def log_checkpoint(self, run_id: str, path: Path, epoch: int) -> None:

@@ -22,14 +22,13 @@ import optuna
 
 from optimsweep.core import train
 from optimsweep.core.checkpoint import Checkpointer
-from optimsweep.core.train import EpochStats, TrainConfig
+from optimsweep.core.train import TrainConfig
 from optimsweep.errors import DivergedError, StoreError, describe
 from optimsweep.records.optuna_adapter import trial_id
 from optimsweep.records.schema import CONFIRM_ROLE, INTERRUPTED, Attr, State, Tag
 from optimsweep.records.tracking import Tracker
 from optimsweep.run import resume
 from optimsweep.run.context import OpenStudy
-from optimsweep.run.progress import say
 from optimsweep.sweep.space import suggest_config
 from optimsweep.util import signals
 
@@ -228,14 +227,10 @@ def _resume(opened: OpenStudy, member: _Member) -> None:
     found = member.found = resume.latest(tracker, runs, member.config, f"trial {trial.number}")
     if found is None:
         return
-    epoch = found.state.epoch
-    say(f"trial {trial.number}: resumed at epoch {epoch} of {member.config.epochs} "
-        f"(from the checkpoint of {found.where})")
-    history = [EpochStats(**stats) for stats in found.state.history]
-    tracker.log_epochs(member.run_id, history)
-    tracker.set_tag(member.run_id, Tag.RESUMED_FROM, f"{found.where} epoch {epoch}")
+    history = resume.continue_run(tracker, member.run_id, found, f"trial {trial.number}",
+                                  member.config.epochs)
     _trial_write(opened, trial, trial.set_user_attr, Attr.RESUMED_FROM,
-                 {"trial": found.trial, "epoch": epoch})
+                 {"trial": found.trial, "epoch": found.state.epoch})
     for stats in history:
         _trial_write(opened, trial, trial.report, stats.value(opened.spec.metric), stats.epoch)
 
@@ -344,10 +339,7 @@ def run_confirmation(opened: OpenStudy, trial_number: int, config: TrainConfig,
         tracker.log_config(run_id, config, sampled)
         found = resume.latest(tracker, [(r, None) for r in earlier], config, what)
         if found is not None:
-            say(f"{what}: resumed at epoch {found.state.epoch} of {config.epochs} (from the "
-                f"checkpoint of {found.where})")
-            tracker.log_epochs(run_id, [EpochStats(**s) for s in found.state.history])
-            tracker.set_tag(run_id, Tag.RESUMED_FROM, f"{found.where} epoch {found.state.epoch}")
+            resume.continue_run(tracker, run_id, found, what, config.epochs)
 
         def log_epoch(stats) -> bool:
             signals.check()  # a Ctrl-C whose first raise Python dropped stops here

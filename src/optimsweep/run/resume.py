@@ -23,10 +23,11 @@ import optuna
 
 from optimsweep.core import checkpoint, train
 from optimsweep.core.checkpoint import Checkpointer, TrainingState
-from optimsweep.core.train import TrainConfig
+from optimsweep.core.train import EpochStats, TrainConfig
 from optimsweep.errors import StoreError
-from optimsweep.records.schema import Attr
+from optimsweep.records.schema import Attr, Tag
 from optimsweep.records.tracking import Tracker
+from optimsweep.run.progress import say
 
 log = logging.getLogger("optimsweep")
 
@@ -60,6 +61,19 @@ def latest(tracker: Tracker, runs: list[tuple[str, int | None]], config: TrainCo
                     log.warning(f"{what}: checkpoint {name} of run {run_id} refused: {exc}; "
                                 "not resumed from it")
     return None
+
+
+def continue_run(tracker: Tracker, run_id: str, found: Found, what: str,
+                 epochs: int) -> list[EpochStats]:
+    """The run goes on from `found`: one line says so, the run gets the curve so far and
+    says where it went on from. Returns that curve."""
+    epoch = found.state.epoch
+    say(f"{what}: resumed at epoch {epoch} of {epochs} (from the checkpoint of "
+        f"{found.where})")
+    history = [EpochStats(**stats) for stats in found.state.history]
+    tracker.log_epochs(run_id, history)
+    tracker.set_tag(run_id, Tag.RESUMED_FROM, f"{found.where} epoch {epoch}")
+    return history
 
 
 def retried_runs(study: optuna.Study, trial: optuna.Trial) -> list[tuple[str, int]]:
