@@ -37,15 +37,20 @@ def load_study(spec):
 def assert_invariant(spec, n_trials: int | None = None):
     """Every trial has exactly one child run in the matching state, with its params; nothing
     is RUNNING; one parent run, FINISHED once the budget is used up; the counted trials
-    never exceed the budget."""
+    never exceed the budget. A paused trial (pruner asha) waits SCHEDULED, only while the
+    study's budget is not used up."""
     client, children = mlflow_runs(spec, "trial")
     (parent,) = mlflow_runs(spec, "study")[1]
     trials = load_study(spec).trials
     assert sorted(t.user_attrs["mlflow_run_id"] for t in trials) == sorted(
         r.info.run_id for r in children)
     by_id = {r.info.run_id: r for r in children}
+    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
+    budget = n_trials or spec.budget.n_trials
     for trial in trials:
-        assert trial.state.is_finished(), f"trial {trial.number} is {trial.state.name}"
+        paused = trial.state.name == "WAITING" and trial.user_attrs.get("paused_at")
+        assert trial.state.is_finished() or (paused and len(counted) < spec.budget.n_trials), \
+            f"trial {trial.number} is {trial.state.name}"
         state = State.of_trial(trial)
         run = by_id[trial.user_attrs["mlflow_run_id"]]
         assert run.data.tags["optimsweep.trial_number"] == str(trial.number)
@@ -59,8 +64,6 @@ def assert_invariant(spec, n_trials: int | None = None):
             assert history[-1].value == pytest.approx(trial.value)
     assert parent.info.status != "RUNNING"
     assert all(r.info.status != "RUNNING" for r in mlflow_runs(spec, "confirm")[1])
-    counted = [t for t in trials if not t.user_attrs.get("interrupted")]
-    budget = n_trials or spec.budget.n_trials
     assert len(counted) <= budget
     if len(counted) == budget:  # the budget used up: the study is done, whoever finished it
         assert parent.info.status == "FINISHED", parent.data.tags.get("optimsweep.note")

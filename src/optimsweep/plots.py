@@ -1,6 +1,7 @@
 """Plots for a study's parent run: regenerated at the end of every sweep invocation.
 
-- plots/val_curves.png: every trial's validation curve overlaid (pruned ones dashed).
+- plots/val_curves.png: every trial's validation curve overlaid (pruned ones dashed, paused
+  ones dash-dotted), with the rungs of successive halving as vertical lines.
 - plots/optimization_history.html, param_importances.html, parallel_coordinate.html:
   Optuna's own plots, with plotly embedded so they open without a network.
 """
@@ -31,9 +32,11 @@ OPTUNA_PLOTS = {
 }
 
 
-def plot_val_curves(study: optuna.Study, metric: str, path: Path) -> Path:
+def plot_val_curves(study: optuna.Study, metric: str, path: Path,
+                    rungs: list[int] = ()) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    style = {TrialState.COMPLETE: "-", TrialState.PRUNED: "--", TrialState.FAIL: ":"}
+    style = {TrialState.COMPLETE: "-", TrialState.PRUNED: "--", TrialState.FAIL: ":",
+             TrialState.WAITING: "-."}
     best = study.best_trial.number if _has_complete(study) else None
     for t in study.get_trials(deepcopy=False, states=tuple(style)):
         if not t.intermediate_values:
@@ -43,8 +46,13 @@ def plot_val_curves(study: optuna.Study, metric: str, path: Path) -> Path:
         ax.plot(epochs, [t.intermediate_values[e] for e in epochs], style[t.state],
                 linewidth=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.55,
                 label=f"trial {t.number} (best)" if is_best else None)
+    for k, step in enumerate(rungs):
+        ax.axvline(step, color="grey", linewidth=0.8, alpha=0.6)
+        ax.annotate(f"rung {k}", (step, 1), xycoords=("data", "axes fraction"),
+                    xytext=(2, -10), textcoords="offset points", fontsize=8, color="grey")
     ax.set(xlabel="epoch", ylabel=metric,
-           title=f"{study.study_name}: {metric} of every trial (dashed: pruned)")
+           title=f"{study.study_name}: {metric} of every trial (dashed: pruned"
+                 f"{', dash-dotted: paused' if rungs else ''})")
     ax.grid(alpha=0.3)
     if best is not None:
         ax.legend(loc="best")
@@ -58,10 +66,11 @@ def _has_complete(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def write_study_plots(study: optuna.Study, metric: str, folder: Path) -> list[Path]:
+def write_study_plots(study: optuna.Study, metric: str, folder: Path,
+                      rungs: list[int] = ()) -> list[Path]:
     """Write every plot the study's trials allow (importances need 2+ complete trials)."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = [plot_val_curves(study, metric, folder / CURVES)]
+    written = [plot_val_curves(study, metric, folder / CURVES, rungs)]
     if not _has_complete(study):
         return written
     for name, plot in OPTUNA_PLOTS.items():
@@ -77,8 +86,8 @@ def write_study_plots(study: optuna.Study, metric: str, folder: Path) -> list[Pa
 
 
 def log_study_plots(study: optuna.Study, metric: str, tracker: Tracker,
-                    run_id: str) -> list[str]:
+                    run_id: str, rungs: list[int] = ()) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_study_plots(study, metric, Path(tmp) / "plots")
+        paths = write_study_plots(study, metric, Path(tmp) / "plots", rungs)
         tracker.log_artifacts(run_id, Path(tmp) / "plots", "plots")
     return [f"plots/{p.name}" for p in paths]

@@ -9,7 +9,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from optimsweep.records.schema import Attr, Tag, counted_trials
+from optimsweep.records.schema import Attr, Tag, counted_trials, is_paused
 
 if TYPE_CHECKING:
     from optimsweep.records.tracking import Tracker
@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 def state_counts(study: optuna.Study) -> dict[str, int]:
     """Trials by outcome; "fail" and "interrupted" don't overlap, so the counts add up to
     every trial that has started."""
-    counts = dict.fromkeys(("complete", "pruned", "fail", "interrupted", "running"), 0)
+    counts = dict.fromkeys(("complete", "pruned", "fail", "interrupted", "running", "paused"), 0)
     for t in study.get_trials(deepcopy=False):
+        if is_paused(t):
+            counts["paused"] += 1
         if t.state == TrialState.WAITING:
             continue
         if t.state == TrialState.RUNNING:
@@ -34,12 +36,23 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 def summary_line(study: optuna.Study, budget: int) -> str:
     counts = state_counts(study)
     total = sum(counts.values())
-    parts = [f"{counts['complete']} complete", f"{counts['pruned']} pruned",
+    trials = study.get_trials(deepcopy=False)
+    halted = sum(t.state == TrialState.PRUNED and t.user_attrs.get(Attr.PAUSED_AT) is not None
+                 for t in trials)  # closed at the rung they were paused at
+    parts = [f"{counts['complete']} complete",
+             f"{counts['pruned']} pruned" + (f" ({halted} of them paused at a rung when the "
+                                             "study ended)" if halted else ""),
              f"{counts['fail']} failed"]
     if counts["interrupted"]:
         parts.append(f"{counts['interrupted']} interrupted (not counted)")
     if counts["running"]:
         parts.append(f"{counts['running']} still running elsewhere")
+    if counts["paused"]:
+        parts.append(f"{counts['paused']} paused (promoted when the study resumes, or "
+                     "closed as pruned when it ends)")
+    promotions = sum(t.user_attrs.get(Attr.PROMOTIONS, 0) for t in trials)
+    if promotions:
+        parts.append(f"{promotions} promotions")
     used = len(counted_trials(study))
     return (f"study {study.study_name!r}: {total} trials: {', '.join(parts)}; budget "
             f"{used} of {budget} used")

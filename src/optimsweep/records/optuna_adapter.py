@@ -14,7 +14,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled as _is_heartbeat_ena
 from optuna.storages.journal._file import BaseJournalFileLock
 
 __all__ = ["BaseJournalFileLock", "contains", "enqueued_params", "heartbeat_enabled",
-           "never_stops", "stale_trial_ids", "storage_of", "trial_id"]
+           "never_stops", "stale_trial_ids", "start_trial", "storage_of", "trial_id"]
 
 # Our claim and trial loop drive the heartbeat themselves (see records.storage.heartbeat).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -56,3 +56,19 @@ def never_stops(study: optuna.Study) -> optuna.Study:
 def enqueued_params(trial: optuna.trial.FrozenTrial) -> dict:
     """The params `enqueue_trial` gave a trial: it holds them before it suggests them."""
     return trial.system_attrs.get("fixed_params", {})
+
+
+def start_trial(study: optuna.Study, waiting: optuna.trial.FrozenTrial | None = None
+                ) -> optuna.Trial | None:
+    """`study.ask()` without its queue: start the WAITING trial `waiting` (a queue entry or
+    a paused trial, chosen by the claim), or a new one. `ask` would take the oldest WAITING
+    trial, and paused trials wait too. None when another process started `waiting` first."""
+    storage = study._storage
+    study._thread_local.cached_all_trials = None  # as `ask` does: the sampler sees every trial
+    if waiting is None:
+        tid = storage.create_new_trial(study._study_id)
+    else:
+        tid = waiting._trial_id
+        if not storage.set_trial_state_values(tid, optuna.trial.TrialState.RUNNING):
+            return None
+    return optuna.Trial(study, tid)

@@ -22,6 +22,9 @@ class State(enum.Enum):
     COMPLETE = ("complete", TrialState.COMPLETE, "FINISHED")
     PRUNED = ("pruned", TrialState.PRUNED, "KILLED")
     FAILED = ("failed", TrialState.FAIL, "FAILED")
+    # Successive halving with promotion (`pruner: asha`): stopped at a rung with its
+    # checkpoint, no process of its own, until a free worker promotes it.
+    PAUSED = ("paused", TrialState.WAITING, "SCHEDULED")
 
     def __init__(self, word: str, trial_state: TrialState, run_status: str):
         self.word = word  # the `optimsweep.state` tag
@@ -30,7 +33,8 @@ class State(enum.Enum):
 
     @classmethod
     def of_trial(cls, trial: optuna.trial.FrozenTrial) -> State:
-        """A finished or running trial's state (WAITING has no run, and no State)."""
+        """A finished, running or paused trial's state (a WAITING trial that is not paused
+        is a queue entry: it has no run, and no State)."""
         return next(s for s in cls if s.trial_state == trial.state)
 
 
@@ -58,6 +62,8 @@ class Tag:
     RETRY_OF = "optimsweep.retry_of"
     RESUMED_FROM = "optimsweep.resumed_from"  # "trial 7 epoch 6": the checkpoint it went on from
     CHECKPOINTS = "optimsweep.checkpoints"  # "3 writes, 0.41 s (0.6% of training)"
+    RUNG = "optimsweep.rung"  # "2 (epoch 9)": the highest rung it reached (pruner asha)
+    PROMOTIONS = "optimsweep.promotions"
     SAMPLED = "optimsweep.sampled"
     CODE = "optimsweep.code."  # + data/model/metric: the user's factory and its version
     # a confirm run
@@ -91,6 +97,8 @@ class Attr:
     RETRIES = "retries"
     EPOCHS_RUN = "epochs_run"
     RESUMED_FROM = "resumed_from"  # {"trial": 7, "epoch": 6}: the checkpoint it went on from
+    PAUSED_AT = "paused_at"  # the step (epoch) of the rung it waits at; None once promoted
+    PROMOTIONS = "promotions"  # how many times a paused trial was promoted
     # the study's
     STUDY_UID = "study_uid"  # given when the study is created: its runs carry it as a tag, so
     # a repair deletes only runs it can prove are this very study's (not a same-named one's)
@@ -110,14 +118,26 @@ CHECKPOINT_DIR = "checkpoints"  # the latest training state (and one being writt
 # the run can still be resumed; removed once its trial is finished
 INTERRUPTED = "interrupted: Ctrl-C or SIGTERM"  # the reason of a trial stopped by a signal
 
-# States whose trials use up budget (unless interrupted); WAITING ones don't.
-_COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+# States whose trials use up budget (unless interrupted); WAITING ones only when paused.
+_COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
+                   TrialState.WAITING)
+
+
+def is_paused(trial: optuna.trial.FrozenTrial) -> bool:
+    """Paused at a rung (pruner asha): WAITING for a promotion, not a queue entry."""
+    return trial.state == TrialState.WAITING and trial.user_attrs.get(Attr.PAUSED_AT) is not None
+
+
+def is_queued(trial: optuna.trial.FrozenTrial) -> bool:
+    """Enqueued params waiting for a claim to run them (a baseline, a retry)."""
+    return trial.state == TrialState.WAITING and not is_paused(trial)
 
 
 def is_counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial that uses up budget: started, and not one that never gave its config a
-    verdict (interrupted, or stopped by a store failure)."""
-    return trial.state in _COUNTED_STATES and not trial.user_attrs.get(Attr.INTERRUPTED)
+    """A trial that uses up budget: started (a paused one too), and not one that never gave
+    its config a verdict (interrupted, or stopped by a store failure)."""
+    return (trial.state in _COUNTED_STATES and not is_queued(trial)
+            and not trial.user_attrs.get(Attr.INTERRUPTED))
 
 
 def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

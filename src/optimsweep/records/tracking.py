@@ -392,7 +392,8 @@ class Tracker:
     @_store_call
     def finish_run(self, run_id: str, state: State, error: str | None = None,
                    traceback: str | None = None) -> None:
-        """Close a run in its trial's real state, with the reason when it failed."""
+        """Close a run in its trial's real state, with the reason when it failed. A paused
+        run is not closed: it waits SCHEDULED (no end time) until it is promoted."""
         tags = [RunTag(Tag.STATE, state.word)] + (
             [RunTag(Tag.ERROR, redact_text(error)[:5000])] if error else [])
         self.client.log_batch(run_id, tags=tags)
@@ -401,7 +402,18 @@ class Tracker:
                 self.client.log_text(run_id, redact_text(traceback), TRACEBACK_FILE)  # may refuse
             except Exception:  # noqa: BLE001
                 pass
-        self.client.set_terminated(run_id, state.run_status)
+        if state == State.PAUSED:
+            self.client.update_run(run_id, status=state.run_status)
+        else:
+            self.client.set_terminated(run_id, state.run_status)
+
+    @_store_call
+    def resume_run(self, run_id: str) -> None:
+        """A paused trial's run, promoted: RUNNING again, owned by this process."""
+        self.client.update_run(run_id, status=State.RUNNING.run_status)
+        self.client.log_batch(run_id, tags=[
+            RunTag(Tag.STATE, State.RUNNING.word), RunTag(Tag.HOST, socket.gethostname()),
+            RunTag(Tag.PID, str(os.getpid()))])
 
     @_store_call
     def tag(self, run_id: str, key: str) -> str | None:

@@ -1,10 +1,11 @@
 """Claiming the budget: which trial runs next, asked from Optuna one at a time under the study
 lock, after counting, so concurrent processes never exceed `n_trials`.
 
-Before anything new is sampled: each baseline until it has a counted outcome, then the
-config of an interrupted trial (a bounded number of times: it never got a verdict), then,
-for a grid, the first point no trial covers. Nothing waits in the queue outside the lock,
-so no trial is left WAITING.
+Before anything new is sampled: a paused trial that qualifies for promotion (pruner asha),
+then each baseline until it has a counted outcome, then the config of an interrupted trial
+(a bounded number of times: it never got a verdict), then, for a grid, the first point no
+trial covers. Nothing waits in the queue outside the lock, so the only WAITING trials are
+paused ones (and queue entries of a process that died inside the lock).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from optimsweep.records.optuna_adapter import enqueued_params, trial_id
-from optimsweep.records.schema import Attr, counted_trials
+from optimsweep.errors import StoreError
+from optimsweep.records.optuna_adapter import enqueued_params, start_trial, trial_id
+from optimsweep.records.schema import Attr, counted_trials, is_paused, is_queued
 from optimsweep.run.context import OpenStudy
+from optimsweep.run.life import close_paused
 from optimsweep.run.repair import fail_stale_trials
 from optimsweep.sweep.samplers import build_sampler, grid_space, sampler_seed
 from optimsweep.sweep.spec import Spec
@@ -96,35 +99,52 @@ def _seeded_sampler(spec: Spec, n_trials_so_far: int) -> optuna.samplers.BaseSam
 
 def claim_trial(opened: OpenStudy) -> Claim:
     """Under the study lock: check the journal is still the one opened, close trials of
-    ended processes, and if the budget has room, ask Optuna for the next trial. Signals
-    wait until the trial says which process owns it. Inside the lock no call is retried:
-    the lock lives on a database connection, and a lost connection loses it."""
+    ended processes, then promote a paused trial that qualifies (pruner asha: promotions
+    cost epochs, not budget), else, if the budget has room, ask Optuna for the next trial.
+    Once nothing can run any more, trials still paused are closed as pruned. Signals wait
+    until the trial says which process owns it. Inside the lock no call is retried: the
+    lock lives on a database connection, and a lost connection loses it."""
     study, storage, spec = opened.study, opened.storage, opened.spec
     signals.check()
     with opened.lock():
         storage.check_intact()  # a journal deleted or replaced since: stop, write nothing
         fail_stale_trials(opened)
-        counted = counted_trials(study)
-        if len(counted) >= opened.ref.n_trials:
-            return Claim(wait=_others_running(opened, counted))
         trials = study.get_trials(deepcopy=False)
+        waiting = spec.asha.promotable(trials, spec.maximize) if spec.asha else None
         pending = None
-        if not any(t.state == TrialState.WAITING for t in trials):
-            pending = next_enqueued(trials, spec, storage.resilience.max_retry)
-            if pending is None and spec.sampler.get("name") == "grid":
-                point = _uncovered_grid_point(study, spec)
-                if point is None:
-                    return Claim(wait=_others_running(opened, counted))
-                pending = (point, {})
+        if waiting is None:
+            counted = counted_trials(study)
+            if len(counted) >= opened.ref.n_trials:
+                wait = _others_running(opened, counted)
+                if not wait and opened.ref.n_trials >= spec.budget.n_trials:
+                    close_paused(opened)  # the study is over: nothing can promote them
+                return Claim(wait=wait)
+            waiting = next((t for t in trials if is_queued(t)), None)
+            if waiting is None:
+                pending = next_enqueued(trials, spec, storage.resilience.max_retry)
+                if pending is None and spec.sampler.get("name") == "grid":
+                    point = _uncovered_grid_point(study, spec)
+                    if point is None:
+                        return Claim(wait=_others_running(opened, counted))
+                    pending = (point, {})
         study.sampler = _seeded_sampler(spec, len(trials))
         with signals.held():
             if pending is not None:
                 storage.call(study.enqueue_trial, pending[0], user_attrs=pending[1],
                              retry=False)
-            trial = storage.call(study.ask, retry=False)
+                waiting = next(t for t in reversed(study.get_trials(deepcopy=False))
+                               if is_queued(t))
+            trial = storage.call(start_trial, study, waiting, retry=False)
+            if trial is None:  # only another process outside the lock could have
+                raise StoreError(f"study storage: trial {waiting.number} was started by "
+                                 "a process that did not hold the study lock")
             storage.first_beat(trial_id(trial))
             storage.call(trial.set_user_attr, Attr.HOST, socket.gethostname(), retry=False)
             storage.call(trial.set_user_attr, Attr.PID, os.getpid(), retry=False)
+            if waiting is not None and is_paused(waiting):
+                storage.call(trial.set_user_attr, Attr.PAUSED_AT, None, retry=False)
+                storage.call(trial.set_user_attr, Attr.PROMOTIONS,
+                             waiting.user_attrs.get(Attr.PROMOTIONS, 0) + 1, retry=False)
             opened.live.add(trial_id(trial))  # the trial's life lets go of it
     opened.tracker.reopen(opened.ref.parent_run_id)  # another process may have closed it
     return Claim(trials=(trial,))

@@ -25,10 +25,11 @@ from optimsweep.core.checkpoint import Checkpointer
 from optimsweep.core.train import TrainConfig
 from optimsweep.errors import DivergedError, StoreError, describe
 from optimsweep.records.optuna_adapter import trial_id
-from optimsweep.records.schema import CONFIRM_ROLE, INTERRUPTED, Attr, State, Tag
+from optimsweep.records.schema import CONFIRM_ROLE, INTERRUPTED, Attr, State, Tag, is_paused
 from optimsweep.records.tracking import Tracker
 from optimsweep.run import resume
 from optimsweep.run.context import OpenStudy
+from optimsweep.run.progress import say
 from optimsweep.sweep.space import suggest_config
 from optimsweep.util import signals
 
@@ -59,6 +60,7 @@ class Outcome:
     test_accuracy: float | None = None
     run_id: str | None = None  # its MLflow run, once created
     taken: str | None = None  # TrialTaken's note: not this process's to record any more
+    paused_at: int | None = None  # the rung's step, when PAUSED
 
     def end(self, **how) -> None:
         """Record how it ended; what `how` leaves out takes the defaults above (failed,
@@ -135,19 +137,25 @@ class _Member:
     found: resume.Found | None = None  # the checkpoint it goes on from
     earlier_runs: list[str] = field(default_factory=list)  # of the trials it retries
     writer: Checkpointer | None = None
+    promoted: str | None = None  # the run of a paused trial it goes on with
+    paused_at: int | None = None  # the rung it stopped at, to be promoted from later
 
     @property
     def run_id(self) -> str:
         return self.outcome.run_id
 
 
-def run_trials(opened: OpenStudy, trials: tuple[optuna.Trial, ...], data) -> list[Outcome]:
+def run_trials(opened: OpenStudy, trials: tuple[optuna.Trial, ...], data,
+               on_report: Callable[[], None] | None = None) -> list[Outcome]:
     """Run claimed trials, fused where their configs can share batches (see
-    train.group_key), each from its run's creation to both records closed. Returns their
-    outcomes in order. Ctrl-C or a store failure closes every member's run and goes on up;
-    trials of groups that never ran stay RUNNING for the repair."""
+    train.group_key), each from its run's creation (or a promoted trial's return to its
+    run) to both records closed or paused. Returns their outcomes in order; `on_report()`
+    is called after each epoch any of them reports. Ctrl-C or a store failure closes every
+    member's run and goes on up; trials of groups that never ran stay RUNNING for the
+    repair."""
     try:
-        members = [_Member(t) for t in trials]
+        members = [_Member(t, promoted=t.user_attrs.get(Attr.RUN_ID)
+                           if t.user_attrs.get(Attr.PROMOTIONS) else None) for t in trials]
         for member in members:  # recorded in Optuna now; on the run once it exists
             try:
                 member.config = suggest_config(member.trial, opened.spec.search_space,
@@ -162,14 +170,15 @@ def run_trials(opened: OpenStudy, trials: tuple[optuna.Trial, ...], data) -> lis
                    else ("failed", member.trial.number))
             groups.setdefault(key, []).append(member)
         for group in groups.values():
-            _run_group(opened, group, data)  # a StoreError: every member closed, the rest
-        return [m.outcome for m in members]  # never start
+            _run_group(opened, group, data, on_report)  # a StoreError: every member closed,
+            # the rest never start
+        return [m.outcome for m in members]
     finally:
         for trial in trials:
             opened.live.discard(trial_id(trial))
 
 
-def _run_group(opened: OpenStudy, group: list[_Member], data) -> None:
+def _run_group(opened: OpenStudy, group: list[_Member], data, on_report) -> None:
     """One group's lives: runs started, configs fitted as one fused group, each trial told
     and its run closed in the same state (owned_run), whatever ends it."""
     stopping: list[BaseException] = []
@@ -187,7 +196,9 @@ def _run_group(opened: OpenStudy, group: list[_Member], data) -> None:
             try:
                 if member.problem is not None:
                     raise member.problem
-                opened.tracker.log_config(member.run_id, member.config, member.trial.params)
+                if member.promoted is None:
+                    opened.tracker.log_config(member.run_id, member.config,
+                                              member.trial.params)
                 _resume(opened, member)
                 member.writer = resume.checkpointer(
                     opened.tracker, member.run_id, opened.spec.checkpoint,
@@ -198,7 +209,8 @@ def _run_group(opened: OpenStudy, group: list[_Member], data) -> None:
                     stopping.append(exc)
         try:
             results = train.fit_group(
-                [m.config for m in fitting], data, [_on_epoch(opened, m) for m in fitting],
+                [m.config for m in fitting], data,
+                [_on_epoch(opened, m, on_report) for m in fitting],
                 resume=[m.found.state if m.found else None for m in fitting],
                 checkpoints=[m.writer for m in fitting])
         except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the whole group's)
@@ -211,19 +223,32 @@ def _run_group(opened: OpenStudy, group: list[_Member], data) -> None:
             except Exception as exc:  # noqa: BLE001
                 if _record_failure(member.outcome, exc):
                     stopping.append(exc)
-            if member.outcome.counted and not member.outcome.taken:  # nothing to go on from
+            ended = member.outcome.counted and member.outcome.state != State.PAUSED
+            if ended and not member.outcome.taken:  # nothing to go on from
                 resume.drop(opened.tracker, [member.run_id, *member.earlier_runs])
     if stopping:
         raise stopping[0]
 
 
 def _resume(opened: OpenStudy, member: _Member) -> None:
-    """A retry of an interrupted trial goes on from the newest checkpoint of the trials it
-    retries: its run gets the curve so far, its trial the intermediate values, both say
-    where it went on from."""
+    """A promoted trial goes on from its own checkpoint, in its own run, whose curve and
+    intermediate values already hold the epochs before it. A retry of an interrupted trial
+    goes on from the newest checkpoint of the trials it retries: its run gets the curve so
+    far, its trial the intermediate values, both say where it went on from."""
     trial, tracker = member.trial, opened.tracker
     runs = resume.retried_runs(opened.study, trial)
     member.earlier_runs = [run_id for run_id, _ in runs]
+    if member.promoted is not None:
+        found = member.found = resume.latest(tracker, [(member.promoted, trial.number)],
+                                             member.config, f"trial {trial.number}")
+        epochs = member.config.epochs
+        say(f"trial {trial.number}: promoted, goes on from epoch "
+            f"{found.state.epoch if found else 0} of {epochs}"
+            + ("" if found else " (no usable checkpoint: it starts over)"))
+        if found is not None:
+            tracker.set_tag(member.run_id, Tag.PROMOTIONS,
+                            str(trial.user_attrs.get(Attr.PROMOTIONS, 1)))
+        return
     found = member.found = resume.latest(tracker, runs, member.config, f"trial {trial.number}")
     if found is None:
         return
@@ -236,6 +261,9 @@ def _resume(opened: OpenStudy, member: _Member) -> None:
 
 
 def _start_run(opened: OpenStudy, member: _Member, group_size: int, device) -> str:
+    if member.promoted is not None:
+        opened.tracker.resume_run(member.promoted)
+        return member.promoted
     trial, retry_of = member.trial, member.trial.user_attrs.get(Attr.RETRY_OF)
     ref = opened.ref
     tags = {Tag.DEVICE: str(device), Tag.FUSED: str(group_size), **ref.run_tags()}
@@ -249,10 +277,12 @@ def _start_run(opened: OpenStudy, member: _Member, group_size: int, device) -> s
     return run_id
 
 
-def _on_epoch(opened: OpenStudy, member: _Member):
-    """The member's on_epoch: log the epoch, report it to Optuna, ask the pruner."""
-    trial, config, metric = member.trial, member.config, opened.spec.metric
+def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] | None):
+    """The member's on_epoch: log the epoch, report it to Optuna, ask the pruner (or, for
+    successive halving with promotion, pause the trial at a rung it doesn't pass)."""
+    trial, config, metric, spec = member.trial, member.config, opened.spec.metric, opened.spec
     storage = opened.storage
+    rungs = set(spec.asha.rungs(config.epochs)) if spec.asha else set()
 
     def on_epoch(stats) -> bool:
         signals.check()  # a Ctrl-C whose first raise Python dropped stops here
@@ -262,8 +292,18 @@ def _on_epoch(opened: OpenStudy, member: _Member):
         if not math.isfinite(value):
             raise DivergedError(stats.epoch, 0, value, what=metric)
         _trial_write(opened, trial, trial.report, value, stats.epoch)
-        # After the last epoch there is nothing left to save by pruning.
-        return stats.epoch < config.epochs and storage.call(trial.should_prune)
+        if on_report is not None:
+            on_report()
+        if stats.epoch >= config.epochs:  # nothing left to save by stopping
+            return False
+        if spec.asha is None:
+            return storage.call(trial.should_prune)
+        if stats.epoch in rungs and not spec.asha.keeps_going(
+                storage.call(opened.study.get_trials, deepcopy=False), trial.number,
+                stats.epoch, spec.maximize):
+            member.paused_at = stats.epoch
+            return True
+        return False
 
     return on_epoch
 
@@ -289,6 +329,8 @@ def _trial_write(opened: OpenStudy, trial: optuna.Trial, fn, *args, **kwargs):
 
 def _finish(opened: OpenStudy, member: _Member, result) -> None:
     _check_mine(opened, member.trial)
+    if member.paused_at is not None:  # promoted later from this very state
+        member.writer.flush()
     opened.tracker.log_result(member.run_id, result)
     trained = sum(s.seconds for s in result.history[member.found.state.epoch
                                                     if member.found else 0:])
@@ -300,6 +342,13 @@ def _finish(opened: OpenStudy, member: _Member, result) -> None:
                        (Attr.EPOCHS_RUN, len(result.history))):
         if value is not None:
             _trial_write(opened, member.trial, member.trial.set_user_attr, key, value)
+    if member.paused_at is not None:
+        rungs = opened.spec.asha.rungs(member.config.epochs)
+        opened.tracker.set_tag(member.run_id, Tag.RUNG,
+                               rung_text(rungs.index(member.paused_at), member.paused_at))
+        member.outcome.end(state=State.PAUSED, error=None, counted=True,
+                           test_accuracy=result.test_accuracy, paused_at=member.paused_at)
+        return
     member.outcome.end(state=State.PRUNED if result.stopped_early else State.COMPLETE,
                        value=result.final.value(opened.spec.metric), error=None, counted=True,
                        test_accuracy=result.test_accuracy)
@@ -319,9 +368,38 @@ def _tell(opened: OpenStudy, trial: optuna.Trial, outcome: Outcome) -> None:
         _trial_write(opened, trial, trial.set_user_attr, Attr.ERROR, outcome.error[:2000])
     if not outcome.counted:
         _trial_write(opened, trial, trial.set_user_attr, Attr.INTERRUPTED, True)
+    if outcome.state == State.PAUSED:  # the rung first: WAITING without it is a queue entry
+        _trial_write(opened, trial, trial.set_user_attr, Attr.PAUSED_AT, outcome.paused_at)
+        _trial_write(opened, trial, opened.storage.optuna.set_trial_state_values,
+                     trial_id(trial), State.PAUSED.trial_state)
+        return
     value = outcome.value if outcome.state == State.COMPLETE else None
     _trial_write(opened, trial, opened.study.tell, trial, value,
                  state=outcome.state.trial_state)
+
+
+def rung_text(rung: int, step: int) -> str:
+    """What a paused or stopped run's RUNG tag says: "1 (epoch 3)"."""
+    return f"{rung} (epoch {step})"
+
+
+def close_paused(opened: OpenStudy) -> list[int]:
+    """The study is over (the budget used up, nothing running that could promote them):
+    trials still paused end as pruned, at the rung they stopped at (their runs keep the
+    RUNG tag), and their checkpoints are removed. Called under the study lock."""
+    closed = []
+    for trial in opened.study.get_trials(deepcopy=False):
+        if not is_paused(trial):
+            continue
+        tid, run_id = trial_id(trial), trial.user_attrs.get(Attr.RUN_ID)
+        opened.storage.call(opened.storage.optuna.set_trial_state_values, tid,
+                            State.PRUNED.trial_state, retry=False)
+        if run_id is not None:
+            opened.tracker.finish_run(run_id, State.PRUNED)
+            resume.drop(opened.tracker, [run_id, *(r for r, _ in
+                                                   resume.retried_runs(opened.study, trial))])
+        closed.append(trial.number)
+    return closed
 
 
 def run_confirmation(opened: OpenStudy, trial_number: int, config: TrainConfig,

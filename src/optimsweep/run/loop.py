@@ -23,7 +23,8 @@ def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
     wait for them: one may fail and leave its place."""
     spec = opened.spec
     fuse = default_fuse(data.device) if spec.fuse == "auto" else spec.fuse
-    bar = Progress(opened.study, spec.name, opened.ref.n_trials) if progress else None
+    bar = Progress(opened.study, spec.name, opened.ref.n_trials, spec.budget.epochs) \
+        if progress else None
     try:
         while deadline is None or time.time() < deadline:
             got = claim(opened, fuse)
@@ -32,12 +33,16 @@ def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
             if got.wait:
                 time.sleep(min(2.0, opened.storage.resilience.heartbeat_interval))
                 continue
-            for trial, outcome in zip(got.trials, run_trials(opened, got.trials, data),
+            for trial, outcome in zip(got.trials, run_trials(opened, got.trials, data,
+                                                             bar.update if bar else None),
                                       strict=True):
                 if outcome.taken:  # nothing of it is ours to record any more
                     log.warning(outcome.taken)
                 elif outcome.state == State.FAILED:
                     say(f"trial {trial.number} failed: {outcome.error}")
+                elif outcome.state == State.PAUSED:
+                    say(f"trial {trial.number}: paused at epoch {outcome.paused_at}: not in "
+                        f"the top 1/{spec.asha.reduction_factor} of its rung for now")
             if bar is not None:
                 bar.update()
     finally:

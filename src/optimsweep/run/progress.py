@@ -1,4 +1,6 @@
-"""The progress bar of a sweep: the budget used, and the best trial so far."""
+"""The progress bar of a sweep: the budget used, the best trial so far, each running trial's
+epoch (a long trial is visibly alive), and what successive halving did (paused, promoted,
+stopped)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from optimsweep.records.schema import counted_trials
+from optimsweep.records.schema import Attr, counted_trials, is_paused
 
 
 def say(message: str) -> None:
@@ -16,9 +18,17 @@ def say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def scheduler_counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    """How many trials are paused now, promotions so far, and trials stopped (pruned)."""
+    return {"paused": sum(is_paused(t) for t in trials),
+            "promoted": sum(t.user_attrs.get(Attr.PROMOTIONS, 0) for t in trials),
+            "stopped": sum(t.state == TrialState.PRUNED for t in trials)}
+
+
 class Progress:
-    def __init__(self, study: optuna.Study, name: str, n_trials: int):
+    def __init__(self, study: optuna.Study, name: str, n_trials: int, epochs: int):
         self.study = study
+        self.epochs = epochs
         self.start = len(counted_trials(study))
         self.bar = tqdm(total=max(0, n_trials - self.start), desc=name, unit="trial",
                         file=sys.stderr)
@@ -26,9 +36,20 @@ class Progress:
     def update(self) -> None:
         study, bar = self.study, self.bar
         bar.n = min(bar.total, len(counted_trials(study)) - self.start)
-        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        trials = study.get_trials(deepcopy=False)
+        parts = []
+        if any(t.state == TrialState.COMPLETE for t in trials):
             best = study.best_trial
-            bar.set_postfix_str(f"best: trial {best.number} = {best.value:.4f}")
+            parts.append(f"best: trial {best.number} = {best.value:.4f}")
+        running = [f"{t.number} (epoch {max(t.intermediate_values, default=0)}/{self.epochs})"
+                   for t in trials if t.state == TrialState.RUNNING]
+        if running:
+            parts.append(f"running: {', '.join(running[:4])}"
+                         + (f" +{len(running) - 4}" if len(running) > 4 else ""))
+        counts = scheduler_counts(trials)
+        if any(counts.values()):
+            parts.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+        bar.set_postfix_str(" · ".join(parts), refresh=False)
         bar.refresh()
 
     def close(self) -> None:

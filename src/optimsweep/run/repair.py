@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from optimsweep.records.optuna_adapter import trial_id
+from optimsweep.records.optuna_adapter import start_trial, trial_id
 from optimsweep.records.schema import (
     CONFIRM_ROLE,
     INTERRUPTED,
@@ -25,6 +25,8 @@ from optimsweep.records.schema import (
     State,
     Tag,
     counted_trials,
+    is_paused,
+    is_queued,
 )
 from optimsweep.run.context import OpenStudy
 
@@ -117,14 +119,18 @@ def fail_stale_trials(opened: OpenStudy) -> list[int]:
 
 
 def _close_leftover_waiting(opened: OpenStudy) -> list[str]:
-    """Claims enqueue and ask in one step, so a WAITING trial is one whose process died in
-    between. While the budget has room the next claim runs it; once it is full, nothing
-    would: close it as failed and interrupted, with a run like every trial."""
+    """Claims enqueue and start in one step, so a queued trial (WAITING, not paused) is
+    one whose process died in between. While the budget has room the next claim runs it;
+    once it is full, nothing would: close it as failed and interrupted, with a run like
+    every trial."""
     study, notes = opened.study, []
-    while (len(counted_trials(study)) >= opened.ref.n_trials and
-           any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))):
-        asked = opened.storage.call(study.ask)  # takes the oldest waiting trial
-        trial = study.get_trials(deepcopy=False)[asked.number]
+    while len(counted_trials(study)) >= opened.ref.n_trials:
+        queued = next((t for t in study.get_trials(deepcopy=False) if is_queued(t)), None)
+        if queued is None:
+            break
+        if opened.storage.call(start_trial, study, queued) is None:
+            continue
+        trial = study.get_trials(deepcopy=False)[queued.number]
         _fail_with_run(opened, trial, "interrupted: queued by a process that ended before "
                        "running it", runs=None)
         notes.append(f"trial {trial.number}: queued but never run, and the budget is used up; "
@@ -187,6 +193,12 @@ def reconcile(opened: OpenStudy, *, close_parent: bool = False) -> list[str]:
                 notes.append(note)
             else:
                 kept.append(run_id)
+            continue
+        if trial is not None and is_paused(trial):  # its process died before the run
+            if run.info.status != State.PAUSED.run_status:  # said so
+                tracker.finish_run(run_id, State.PAUSED)
+                notes.append(f"trial {trial.number}: paused; its run was {run.info.status}, "
+                             f"now {State.PAUSED.run_status}")
             continue
         if trial is None or not trial.state.is_finished():
             continue

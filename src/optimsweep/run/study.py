@@ -246,4 +246,6 @@ def close_study_run(opened: OpenStudy, status: str) -> None:
     log_summary(study, ref.spec.metric, tracker, ref.parent_run_id)
     from optimsweep.plots import log_study_plots  # matplotlib: 1 s of every process's start
 
-    log_study_plots(study, ref.spec.metric, tracker, ref.parent_run_id)
+    spec = ref.spec
+    log_study_plots(study, spec.metric, tracker, ref.parent_run_id,
+                    spec.asha.rungs(spec.budget.epochs) if spec.asha else ())

@@ -56,8 +56,8 @@ def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
     for p in processes:
         p.start()
     try:
-        bar = Progress(opened.study, opened.spec.name, opened.ref.n_trials) if progress \
-            else None
+        bar = Progress(opened.study, opened.spec.name, opened.ref.n_trials,
+                       opened.spec.budget.epochs) if progress else None
         # is_alive() reaps a dead worker: ask every one, so none stays a zombie whose pid
         # still looks alive to the others' stale-trial check.
         while any([p.is_alive() for p in processes]):

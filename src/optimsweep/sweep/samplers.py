@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from optimsweep.sweep.asha import Asha
 from optimsweep.util import values
 
 SAMPLERS = {
@@ -30,6 +31,7 @@ PRUNERS = {
     "percentile": optuna.pruners.PercentilePruner,
     "hyperband": optuna.pruners.HyperbandPruner,
     "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "asha": Asha,  # successive halving that pauses and promotes (asha.py), not Optuna's
     "none": optuna.pruners.NopPruner,
 }
 # Options the sweep sets itself, or that take Python objects rather than YAML values.
@@ -110,6 +112,9 @@ def build_pruner(options: dict, *, epochs: int) -> optuna.pruners.BasePruner:
     resource unless the section gives one."""
     name = options.get("name", "median")
     options = {k: v for k, v in options.items() if k != "name"}
+    if name == "asha":  # checked here; the claim and the trial's life pause and promote
+        Asha(**options)
+        return optuna.pruners.NopPruner()
     if name == "hyperband":
         options.setdefault("max_resource", epochs)
     if name == "percentile":

@@ -34,6 +34,7 @@ from optimsweep.core.usercode import is_import_string
 from optimsweep.errors import SpecError
 from optimsweep.records.optuna_adapter import contains
 from optimsweep.records.storage import Resilience
+from optimsweep.sweep.asha import Asha
 from optimsweep.sweep.samplers import PRUNERS, SAMPLERS, allowed_options, option_type_problem
 from optimsweep.util import values
 from optimsweep.util.urls import redact
@@ -117,6 +118,15 @@ class Spec:
     model_key: str = "model"  # the key that names the model factory: model or model.factory
     # seconds between checkpoints (0: every epoch), "auto" (core/checkpoint.py), None: never
     checkpoint: float | str | None = "auto"
+
+    @property
+    def asha(self) -> Asha | None:
+        """Successive halving with promotion, when the file's pruner is `asha`."""
+        return Asha.of(self.pruner)
+
+    @property
+    def maximize(self) -> bool:
+        return self.direction == "maximize"
 
     def base_config(self) -> dict:
         """Training values every trial shares: task, model (and their factories' arguments),
@@ -428,6 +438,10 @@ def parse(text: str, path: Path | str = "<sweep>") -> Spec:
     checkpoint = _parse_checkpoint(path, raw.get("checkpoint", True))
     sampler = _options(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe")
     pruner = _options(path, "pruner", raw.get("pruner"), PRUNERS, "median")
+    if pruner.get("name") == "asha" and checkpoint is None:
+        raise _fail(path, "checkpoint", "false is not allowed with pruner asha: a paused "
+                    "trial goes on from its checkpoint when it is promoted; choose true or "
+                    "{every: SECONDS}")
 
     data = {}
     for k, v in code["data"].items():

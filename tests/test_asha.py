@@ -1,0 +1,159 @@
+"""Successive halving that pauses instead of killing (`pruner: asha`): trials below the cut
+at a rung wait with their checkpoint; a free worker promotes one once it stands in the top
+1/η of its rung; promoted trials go on in the same run from where they stopped, bit for bit;
+at the study's end the trials still paused are closed as pruned at their rung."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from optimsweep.core import train
+from optimsweep.core.artifacts import load_state_dict
+from optimsweep.sweep.asha import Asha
+from optimsweep.sweep.space import config_from_params
+from records import (
+    DATA,
+    assert_invariant,
+    finish,
+    load_study,
+    mlflow_runs,
+    run_cli,
+    start,
+    wait_until,
+)
+from sweeps import fashion_sweep
+from sweeps import load as load_spec
+
+ASHA = {"name": "asha", "min_resource": 1, "reduction_factor": 3}
+# 9 configurations of 9 epochs: rungs at epochs 1 and 3; a third of a second an epoch.
+NINE = {"pruner": ASHA, "budget": {"n_trials": 9, "epochs": 9},
+        "search_space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+                         "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-1, "log": True}}}
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTIMSWEEP_DATA", str(DATA))
+
+
+def trial(number: int, values: dict[int, float], paused_at: int | None = None):
+    state = TrialState.WAITING if paused_at is not None else TrialState.PRUNED
+    made = create_trial(state=state, params={"lr": 0.1}, intermediate_values=values,
+                        distributions={"lr": FloatDistribution(0.01, 1)},
+                        user_attrs={"paused_at": paused_at} if paused_at else {})
+    made.number = number
+    return made
+
+
+def test_rungs_and_the_top_third_of_a_rung():
+    asha = Asha(min_resource=1, reduction_factor=3)
+    assert asha.rungs(9) == [1, 3] and asha.rungs(27) == [1, 3, 9] and asha.rungs(1) == []
+    first = [trial(0, {1: 0.5}, paused_at=1), trial(1, {1: 0.7}, paused_at=1)]
+    assert asha.promotable(first, maximize=True) is None  # 2 trials: the top third is empty
+    third = [*first, trial(2, {1: 0.6}, paused_at=1)]
+    assert asha.promotable(third, maximize=True).number == 1
+    assert asha.promotable(third, maximize=False).number == 0  # val_loss: lower is better
+    assert not asha.keeps_going(third, 2, 1, maximize=True)
+    # A trial paused at a higher rung is promoted first.
+    higher = [trial(n, {1: 0.9, 3: 0.9 - n / 10}, paused_at=3) for n in (3, 4, 5)]
+    assert asha.promotable(third + higher, maximize=True).number == 3
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"reduction_factor": 1}, "reduction_factor: 1 must be an integer >= 2"),
+    ({"min_resource": 0}, "min_resource: 0 must be an integer >= 1"),
+])
+def test_bad_options_name_the_key_before_any_study_exists(tmp_path, capsys, options, problem):
+    path = fashion_sweep(tmp_path, **{**NINE, "pruner": {**ASHA, **options}})
+    code, _, err = run_cli(capsys, "sweep", path, "--no-progress")
+    assert code == 2 and problem in err and "Traceback" not in err
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_asha_needs_checkpoints(tmp_path, capsys):
+    path = fashion_sweep(tmp_path, **NINE, checkpoint=False)
+    code, _, err = run_cli(capsys, "sweep", path, "--no-progress")
+    assert code == 2 and "checkpoint: false is not allowed with pruner asha" in err
+
+
+def test_paused_trials_are_promoted_and_go_on_in_the_same_run(tmp_path, capsys):
+    path = fashion_sweep(tmp_path, **NINE)
+    spec = load_spec(path)
+    code, out, err = run_cli(capsys, "sweep", path, "--no-progress")
+    assert code == 0, err
+    client, runs, trials = assert_invariant(spec)
+    assert len(trials) == 9  # promotions cost epochs, not trials
+    promoted = [t for t in trials if t.user_attrs.get("promotions")]
+    assert promoted and "paused at epoch 1" in err and "promoted, goes on from epoch" in err
+    runs = {r.info.run_id: r for r in runs}
+    for t in trials:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        # one curve per trial, each epoch once, the same values Optuna holds
+        assert steps == list(range(1, len(steps) + 1)) == sorted(t.intermediate_values)
+        assert "checkpoints" not in [a.path for a in client.list_artifacts(run.info.run_id)]
+        if t.state == TrialState.PRUNED:  # stopped at a rung: which one, on the run
+            assert run.data.tags["optimsweep.rung"] in ("0 (epoch 1)", "1 (epoch 3)")
+            assert len(steps) in (1, 3)
+    # Every rung kept its top third going: 9 reached epoch 1, 3 epoch 3, 1 the end.
+    reached = [sum(step in t.intermediate_values for t in trials) for step in (1, 3, 9)]
+    assert reached == [9, 3, 1]
+    promotions = sum(t.user_attrs.get("promotions", 0) for t in trials)
+    stopped = sum(t.state == TrialState.PRUNED for t in trials)
+    assert f"{stopped} pruned ({stopped} of them paused at a rung" in out
+    assert f"{promotions} promotions" in out
+    # A promoted trial ends where its config trained in one go ends, tensor for tensor.
+    for t in promoted:
+        epochs = len(t.intermediate_values)
+        saved = load_state_dict(client.download_artifacts(
+            t.user_attrs["mlflow_run_id"], "state_dict.pt", str(tmp_path / str(t.number))))
+        config = config_from_params(spec.base_config(), t.params)
+        straight = train.fit(config, train.load_data(config),
+                             on_epoch=lambda stats, n=epochs: stats.epoch >= n)
+        assert all(torch.equal(saved[k], v) for k, v in straight.model.state_dict().items())
+
+
+def test_a_sweep_cut_short_leaves_trials_paused_and_the_next_run_promotes_them(tmp_path,
+                                                                              capsys):
+    path = fashion_sweep(tmp_path, **NINE)
+    spec = load_spec(path)
+    code, out, err = run_cli(capsys, "sweep", path, "--no-progress", "--n-trials", "2")
+    assert code == 0, err
+    trials = assert_invariant(spec, n_trials=2)[2]
+    paused = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(paused) == 2 and "2 paused" in out  # not the study's end: still promotable
+    client, runs = mlflow_runs(spec, "trial")
+    assert {(r.info.status, r.data.tags["optimsweep.state"]) for r in runs} == \
+        {("SCHEDULED", "paused")}
+    code, _, err = run_cli(capsys, "sweep", path, "--no-progress")
+    assert code == 0, err
+    trials = assert_invariant(spec)[2]
+    assert len(trials) == 9 and not any(t.state == TrialState.WAITING for t in trials)
+
+
+def test_a_promoted_trial_killed_mid_way_is_retried_from_its_checkpoint(tmp_path):
+    path = fashion_sweep(tmp_path, **NINE, checkpoint={"every": 0})
+    spec = load_spec(path)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+
+    def promoted_and_past_its_rung():
+        study = load_study(spec)
+        return any(t.state == TrialState.RUNNING and t.user_attrs.get("promotions")
+                   and len(t.intermediate_values) >= 2 for t in study.trials)
+
+    wait_until(promoted_and_past_its_rung, timeout=180, what="a promoted trial at epoch 2")
+    process.send_signal(signal.SIGKILL)
+    finish(process)
+    process = start("sweep", path, "--no-progress", cwd=tmp_path)
+    code, _, err = finish(process, timeout=300)
+    assert code == 0, err
+    client, runs, trials = assert_invariant(spec)
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") is not None)
+    assert retry.user_attrs["resumed_from"]["epoch"] >= 2
+    assert len([t for t in trials if not t.user_attrs.get("interrupted")]) == 9
