@@ -9,7 +9,7 @@ SERVICES ?= .services
 ARGS   ?=
 
 .PHONY: install data browser services services-stop sweep ui export best confirm train test \
-        bench bench-checkpoints bench-core bench-scaling lint clean
+        bench bench-checkpoints bench-core bench-quality bench-scaling lint clean
 
 install: $(VENV)/.installed
 
@@ -70,11 +70,18 @@ test: data browser
 
 # Trials per hour: fused against sequential, fp32 against bf16, Adam against SGD, the default
 # study end to end (about 15 minutes on 2 cores), then what checkpoints cost a trial (5-10
-# minutes more; alone: bench-checkpoints, ARGS to it). bench-core: the core against the
-# tutorial.
+# minutes more; alone: bench-checkpoints, ARGS to it), then time to quality: the default study
+# with its median pruner, successive halving, ASHA and a hand-written Optuna peer, 3 seeds
+# (about 15 minutes per variant per seed at full scale; alone: bench-quality, ARGS to it, e.g.
+# ARGS="--train-subset 2000 --val-size 1000 --epochs 3 --n-trials 6 --seeds 0").
+# bench-core: the core against the tutorial.
 bench: data
 	$(BIN)/python benchmarks/bench_sweep.py $(ARGS)
 	$(BIN)/python benchmarks/bench_checkpoints.py
+	$(BIN)/python benchmarks/bench_time_to_quality.py
+
+bench-quality: data
+	$(BIN)/python benchmarks/bench_time_to_quality.py $(ARGS)
 
 bench-checkpoints: data
 	$(BIN)/python benchmarks/bench_checkpoints.py $(ARGS)

@@ -8,7 +8,7 @@ from torch import nn
 
 from optimsweep.core.data import Dataset, load_dataset
 from optimsweep.core.stack import ModelStack
-from optimsweep.core.train import _diverged, _evaluate, _Scoring, _train_epoch
+from optimsweep.core.train import _diverged, _evaluate, _Scoring, _train_part
 
 
 def load_fashion_mnist(*, device: torch.device | str = "cpu", val_size: int = 10_000,
@@ -23,8 +23,9 @@ def train_epoch(model, loss_fn, optimizer, x, y, batch_size: int, generator, epo
     """One epoch of one model on tensors (x, y), as `fit` trains it; returns the mean batch
     loss. Raises DivergedError at the first non-finite loss."""
     data = Dataset(x, y, x[:0], y[:0], x[:0], y[:0])
-    losses = _train_epoch(ModelStack([model]), [optimizer], [generator], loss_fn, data,
-                          batch_size, precision)[:, 0]
+    order = torch.randperm(x.shape[0], generator=generator).unsqueeze(0)
+    losses = _train_part(ModelStack([model]), [optimizer], order, loss_fn, data, batch_size,
+                         precision)[:, 0]
     problem = _diverged(losses, epoch)
     if problem is not None:
         raise problem

@@ -157,3 +157,51 @@ def test_a_promoted_trial_killed_mid_way_is_retried_from_its_checkpoint(tmp_path
     retry = next(t for t in trials if t.user_attrs.get("retry_of") is not None)
     assert retry.user_attrs["resumed_from"]["epoch"] >= 2
     assert len([t for t in trials if not t.user_attrs.get("interrupted")]) == 9
+
+
+def test_rungs_within_an_epoch_pause_and_resume_mid_epoch_exactly(tmp_path, capsys):
+    # 1k images at batch 128: 8 batches an epoch, 4 reports of 2 batches; rungs at 1/4,
+    # 3/4 and 2 1/4 epochs, each within an epoch. The top rung never fills (9 trials):
+    # its leader is finished when the budget is used up.
+    path = fashion_sweep(tmp_path, **{**NINE, "budget": {"n_trials": 9, "epochs": 3,
+                                                         "report_every": 0.25}},
+                         fixed={"batch_size": 128})
+    spec = load_spec(path)
+    code, out, err = run_cli(capsys, "sweep", path, "--no-progress")
+    assert code == 0, err
+    client, runs, trials = assert_invariant(spec)
+    assert "paused at epoch 0.25" in err
+    (winner,) = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(winner.intermediate_values) == list(range(1, 13))
+    assert winner.user_attrs["promotions"] >= 1
+    run_id = winner.user_attrs["mlflow_run_id"]
+    epochs = client.get_metric_history(run_id, "epoch")
+    assert [(m.step, m.value) for m in epochs] == [(s, s / 4) for s in range(1, 13)]
+    # Stopped and resumed between parts of epochs: the weights of one straight run.
+    saved = load_state_dict(client.download_artifacts(run_id, "state_dict.pt", str(tmp_path)))
+    config = config_from_params(spec.base_config(), winner.params)
+    straight = train.fit(config, train.load_data(config)).model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in straight.items())
+    pruned = {runs_tag for runs_tag in (r.data.tags.get("optimsweep.rung") for r in runs)
+              if runs_tag}
+    assert pruned <= {"0 (epoch 0.25)", "1 (epoch 0.75)", "2 (epoch 2.25)"}
+
+
+def test_report_every_must_divide_an_epoch(tmp_path, capsys):
+    path = fashion_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2, "report_every": 0.4})
+    code, _, err = run_cli(capsys, "sweep", path, "--no-progress")
+    assert code == 2 and "budget.report_every: 0.4 is not allowed" in err
+
+
+def test_fused_trials_pause_and_are_promoted_one_by_one(tmp_path, capsys):
+    path = fashion_sweep(tmp_path, **NINE, fuse=3)
+    spec = load_spec(path)
+    code, out, err = run_cli(capsys, "sweep", path, "--no-progress")
+    assert code == 0, err
+    client, runs, trials = assert_invariant(spec)
+    assert len(trials) == 9 and "promoted, goes on from epoch" in err
+    assert {r.data.tags["optimsweep.fused"] for r in runs} >= {"3"}
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        history = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")
+        assert [m.step for m in history] == sorted(t.intermediate_values)

@@ -178,6 +178,33 @@ def test_three_workers_in_separate_folders_run_one_study_exactly(servers, tmp_pa
     workers.assert_no_password(servers)
 
 
+def test_two_workers_pause_and_promote_one_study_exactly(servers, tmp_path):
+    # Successive halving with promotion across workers in separate folders: a trial paused
+    # by one worker is promoted by whichever is free, from its checkpoint on the tracking
+    # server. 9 configurations of 9 epochs, rungs at epochs 1 and 3; val_loss: lower wins.
+    workers = Workers(servers, tmp_path)
+    asha = {"pruner": {"name": "asha", "min_resource": 1, "reduction_factor": 3},
+            "checkpoint": {"every": 0}}
+    files = [server_sweep(tmp_path / f"w{i}", "halving", n_trials=9, epochs=9, **asha)
+             for i in range(2)]
+    processes = [workers.start(f"w{i}", "sweep", files[i].name, "--no-progress")
+                 for i in range(2)]
+    for p in processes:
+        code, err = workers.finish(p)
+        assert code == 0, err
+    spec = workers.spec(files[0])
+    client, children, trials = assert_invariant(spec)
+    assert len(trials) == 9 and len({t.user_attrs["pid"] for t in trials}) == 2
+    assert sum(t.user_attrs.get("promotions", 0) for t in trials) >= 1
+    assert [t.state for t in trials].count(TrialState.COMPLETE) >= 1
+    for t in trials:
+        history = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_loss")
+        assert [m.step for m in history] == sorted(t.intermediate_values)
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["paused_at"] in (1, 3)
+    workers.assert_no_password(servers)
+
+
 def test_worker_killed_on_another_host_is_failed_and_retried_within_grace(servers, tmp_path):
     if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
         message = "another hostname needs `unshare --uts` (root)"

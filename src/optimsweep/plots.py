@@ -33,7 +33,7 @@ OPTUNA_PLOTS = {
 
 
 def plot_val_curves(study: optuna.Study, metric: str, path: Path,
-                    rungs: list[int] = ()) -> Path:
+                    rungs: list[int] = (), reports_per_epoch: int = 1) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     style = {TrialState.COMPLETE: "-", TrialState.PRUNED: "--", TrialState.FAIL: ":",
              TrialState.WAITING: "-."}
@@ -41,14 +41,15 @@ def plot_val_curves(study: optuna.Study, metric: str, path: Path,
     for t in study.get_trials(deepcopy=False, states=tuple(style)):
         if not t.intermediate_values:
             continue
-        epochs = sorted(t.intermediate_values)
+        steps = sorted(t.intermediate_values)
         is_best = t.number == best
-        ax.plot(epochs, [t.intermediate_values[e] for e in epochs], style[t.state],
+        ax.plot([s / reports_per_epoch for s in steps],
+                [t.intermediate_values[s] for s in steps], style[t.state],
                 linewidth=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.55,
                 label=f"trial {t.number} (best)" if is_best else None)
     for k, step in enumerate(rungs):
-        ax.axvline(step, color="grey", linewidth=0.8, alpha=0.6)
-        ax.annotate(f"rung {k}", (step, 1), xycoords=("data", "axes fraction"),
+        ax.axvline(step / reports_per_epoch, color="grey", linewidth=0.8, alpha=0.6)
+        ax.annotate(f"rung {k}", (step / reports_per_epoch, 1), xycoords=("data", "axes fraction"),
                     xytext=(2, -10), textcoords="offset points", fontsize=8, color="grey")
     ax.set(xlabel="epoch", ylabel=metric,
            title=f"{study.study_name}: {metric} of every trial (dashed: pruned"
@@ -66,11 +67,11 @@ def _has_complete(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def write_study_plots(study: optuna.Study, metric: str, folder: Path,
-                      rungs: list[int] = ()) -> list[Path]:
+def write_study_plots(study: optuna.Study, metric: str, folder: Path, rungs: list[int] = (),
+                      reports_per_epoch: int = 1) -> list[Path]:
     """Write every plot the study's trials allow (importances need 2+ complete trials)."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = [plot_val_curves(study, metric, folder / CURVES, rungs)]
+    written = [plot_val_curves(study, metric, folder / CURVES, rungs, reports_per_epoch)]
     if not _has_complete(study):
         return written
     for name, plot in OPTUNA_PLOTS.items():
@@ -85,9 +86,9 @@ def write_study_plots(study: optuna.Study, metric: str, folder: Path,
     return written
 
 
-def log_study_plots(study: optuna.Study, metric: str, tracker: Tracker,
-                    run_id: str, rungs: list[int] = ()) -> list[str]:
+def log_study_plots(study: optuna.Study, metric: str, tracker: Tracker, run_id: str,
+                    rungs: list[int] = (), reports_per_epoch: int = 1) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_study_plots(study, metric, Path(tmp) / "plots", rungs)
+        paths = write_study_plots(study, metric, Path(tmp) / "plots", rungs, reports_per_epoch)
         tracker.log_artifacts(run_id, Path(tmp) / "plots", "plots")
     return [f"plots/{p.name}" for p in paths]

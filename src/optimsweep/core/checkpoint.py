@@ -75,7 +75,9 @@ def code_version() -> str:
 
 @dataclass
 class TrainingState:
-    """One member's state at the end of epoch `epoch`, its tensors on the CPU."""
+    """One member's state at the end of epoch `epoch` (with R reports per epoch: of report
+    `epoch`, maybe within an epoch; its batch order's generator is then as that epoch
+    began), its tensors on the CPU."""
 
     epoch: int
     config: dict  # dataclasses.asdict(TrainConfig)
@@ -88,6 +90,7 @@ class TrainingState:
     rng: dict  # batch_order, torch, cuda (a list, one per device)
     code: str = field(default_factory=code_version)
     user_code: dict = field(default_factory=dict)  # {role: version} of the user's factories
+    reports_per_epoch: int = 1  # `epoch` counts reports: R an epoch
 
     def save(self, path: Path | str) -> None:
         torch.save({"format": FORMAT, **dataclasses.asdict(self)}, path)
@@ -156,7 +159,7 @@ def _differences(saved: dict, config: dict) -> list[str]:
 
 
 def load(path: Path | str, config: dict, precision: str, *, user_code: dict | None = None,
-         model: torch.nn.Module | None = None) -> TrainingState:
+         model: torch.nn.Module | None = None, reports_per_epoch: int = 1) -> TrainingState:
     """The checkpoint at `path`, if it continues `config` (a dict of TrainConfig) trained in
     `precision` with the user's code at `user_code` ({role: version}) into `model` (its
     architecture: a model on the meta device will do); raises Refused, saying why, for a
@@ -188,7 +191,11 @@ def load(path: Path | str, config: dict, precision: str, *, user_code: dict | No
         raise Refused(f"from another config: {', '.join(differences[:3])}")
     if state.precision != precision:
         raise Refused(f"trained in {state.precision}, this process trains in {precision}")
-    if not (1 <= state.epoch < config["epochs"]) or len(state.history) != state.epoch:
+    if state.reports_per_epoch != reports_per_epoch:
+        raise Refused(f"made with {state.reports_per_epoch} reports an epoch, this run makes "
+                      f"{reports_per_epoch}")
+    if not (1 <= state.epoch < config["epochs"] * reports_per_epoch) or \
+            len(state.history) != state.epoch:
         raise Refused(f"its epoch {state.epoch} does not fit a run of {config['epochs']} "
                       "epochs")
     if model is not None:

@@ -282,6 +282,10 @@ CONFIG_DEFAULTS = dataclasses.asdict(TrainConfig())
 
 @dataclass
 class EpochStats:
+    """One report of a member's progress: at the end of each epoch, or of each 1/R of one
+    with `reports_per_epoch` R (then `epoch` counts reports, and `epochs` says how many
+    epochs that is)."""
+
     epoch: int
     train_loss: float
     val_loss: float
@@ -289,6 +293,12 @@ class EpochStats:
     lr: float  # the learning rate this epoch trained with
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)  # val_<metric>: the user's metric
+    reports_per_epoch: int = 1
+
+    @property
+    def epochs(self) -> float:
+        """Epochs trained when this report was made."""
+        return self.epoch / self.reports_per_epoch
 
     def value(self, metric: str) -> float:
         """The value of `metric` (val_loss, val_accuracy or val_<user metric>) this epoch."""
@@ -427,18 +437,29 @@ class _Member:
     on_epoch: Callable[[EpochStats], bool | None] | None
     result: FitResult
     checkpointer: Checkpointer | None = None
-    epoch: int = 0  # epochs finished (those of the checkpoint it resumed from included)
+    step: int = 0  # reports made (those of the checkpoint it resumed from included)
+    order: torch.Tensor | None = None  # this epoch's batch order, while it is under way
+    epoch_rng: torch.Tensor | None = None  # the batch order's generator as the epoch began
 
 
-def _train_epoch(stack: ModelStack, optimizers: list, generators: list[torch.Generator],
-                 loss_fn, data, batch_size: int, precision: str) -> torch.Tensor:
-    """One pass over the training data for every member, each in its own shuffled order;
-    returns the (batches, K) losses. They stay on the device until the epoch ends (no
-    per-step sync)."""
+def part_bounds(n: int, batch_size: int, parts: int) -> list[int]:
+    """Where an epoch of `n` examples is cut for `parts` reports: offsets into its batch
+    order at whole batches, the batches shared out as evenly as they go."""
+    batches = math.ceil(n / batch_size)
+    if parts > batches:
+        raise ConfigError(f"budget.report_every: {parts} reports an epoch, but an epoch has "
+                          f"only {batches} batches of {batch_size}; report less often")
+    return [min(n, round(i * batches / parts) * batch_size) for i in range(parts + 1)]
+
+
+def _train_part(stack: ModelStack, optimizers: list, orders: torch.Tensor, loss_fn, data,
+                batch_size: int, precision: str) -> torch.Tensor:
+    """The batches of `orders` ((K, m) rows of each member's batch order: a whole epoch, or
+    a part of one) for every member; returns the (batches, K) losses. They stay on the
+    device until the part ends (no per-step sync)."""
     stack.train()
-    n = data.sizes[0]
-    orders = torch.stack([torch.randperm(n, generator=g) for g in generators])
-    losses = torch.empty(math.ceil(n / batch_size), len(optimizers), device=data.device)
+    losses = torch.empty(math.ceil(orders.shape[1] / batch_size), len(optimizers),
+                         device=data.device)
     for step, (x, y) in enumerate(data.train_batches(orders, batch_size)):
         with _autocast(data.device, precision):
             out = stack.forward(x)
@@ -522,16 +543,19 @@ def _diverged(losses: torch.Tensor, epoch: int) -> DivergedError | None:
 
 def _end_of_epoch(member: _Member, stats: EpochStats, state: Callable[[], TrainingState]
                   ) -> bool:
-    """The member's scheduler steps, its state is kept (checkpointer) and its caller told;
-    True when it leaves the group. The state is kept before the caller hears of the epoch:
-    whoever sees an epoch reported can count on its state surviving an interrupt."""
+    """At an epoch's end its scheduler steps; at every report the member's state is kept
+    (checkpointer) and its caller told; True when it leaves the group. The state is kept
+    before the caller hears of the report: whoever sees one can count on its state
+    surviving an interrupt."""
     scheduler = member.scheduler
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+    if stats.epoch % stats.reports_per_epoch:
+        pass  # within an epoch: schedulers count epochs
+    elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(stats.val_loss)
     elif scheduler is not None:
         scheduler.step()
     member.result.history.append(stats)
-    last = stats.epoch >= member.config.epochs
+    last = stats.epoch >= member.config.epochs * stats.reports_per_epoch
     if member.checkpointer is not None and not last:
         member.checkpointer.epoch_end(state, stats.seconds)
     if member.on_epoch is not None and member.on_epoch(stats):
@@ -547,6 +571,7 @@ def fit_group(
     *,
     resume: list[TrainingState | None] | None = None,
     checkpoints: list[Checkpointer | None] | None = None,
+    reports_per_epoch: int = 1,
 ) -> list[FitResult | Exception]:
     """Train every config of a group at once as one batched model; for each, its result or
     the exception that ended it (diverged, or raised by its `on_epoch`).
@@ -561,6 +586,11 @@ def fit_group(
     `resume[k]`: a checkpoint (checkpoint.load) member k continues from, its history
     included; it trains only the epochs left. `checkpoints[k]`: when and where member k's
     state is written at the end of each epoch it goes on from.
+
+    `reports_per_epoch` R > 1: each epoch is cut into R parts of whole batches, and after
+    each part the whole validation split is measured and reported (stats.epoch counts
+    reports); a member can stop, and resume from a checkpoint, between parts. The batches,
+    and so the trained weights, are those of R = 1.
     """
     if not configs:
         return []
@@ -583,12 +613,16 @@ def fit_group(
         if state is not None:
             model.load_state_dict(state.model)
         models.append(model.to(device))
-    if len(configs) > 1 and (data.streaming or any(
+    phases = {state.epoch % reports_per_epoch if state else 0 for state in resume}
+    if len(configs) > 1 and (data.streaming or len(phases) > 1 or any(
             next(iter(m.buffers()), None) is not None for m in models)):
-        # Streamed batches can't be cut K ways at once, and buffers (BatchNorm statistics)
-        # can't be stacked: these members train one after another.
-        return [fit_group([c], data, [cb], resume=[r], checkpoints=[cp])[0]
+        # Streamed batches can't be cut K ways at once, parts of an epoch only stack when
+        # they are the same part, and buffers (BatchNorm statistics) can't be stacked:
+        # these members train one after another.
+        return [fit_group([c], data, [cb], resume=[r], checkpoints=[cp],
+                          reports_per_epoch=reports_per_epoch)[0]
                 for c, cb, r, cp in zip(configs, callbacks, resume, checkpoints, strict=True)]
+    bounds = part_bounds(data.sizes[0], first.batch_size, reports_per_epoch)
     stack = ModelStack(models)
     members = []
     for k, (config, callback) in enumerate(zip(configs, callbacks, strict=True)):
@@ -606,23 +640,31 @@ def fit_group(
             group = [members[i] for i in live]
             start = time.perf_counter()
             lrs = [m.optimizer.param_groups[0]["lr"] for m in group]
-            losses = _train_epoch(stack, [m.optimizer for m in group],
-                                  [m.generator for m in group], scoring.loss_fn, data,
-                                  first.batch_size, precision)
+            for m in group:
+                if m.order is None:  # an epoch begins: its batch order, in each member's own
+                    m.epoch_rng = m.generator.get_state()
+                    m.order = torch.randperm(data.sizes[0], generator=m.generator)
+            part = group[0].step % reports_per_epoch  # the same in every member (phases)
+            losses = _train_part(stack, [m.optimizer for m in group],
+                                 torch.stack([m.order[bounds[part]:bounds[part + 1]]
+                                              for m in group]),
+                                 scoring.loss_fn, data, first.batch_size, precision)
             validation = _evaluate(stack, scoring, data, "val", precision)
             share = (time.perf_counter() - start) / len(group)  # each member's part
             leaving: dict[int, Exception | None] = {}
             for k, member in enumerate(group):
-                member.epoch += 1
+                member.step += 1
+                if member.step % reports_per_epoch == 0:
+                    member.order = None
                 try:
-                    problem = _diverged(losses[:, k], member.epoch)
+                    problem = _diverged(losses[:, k], -(-member.step // reports_per_epoch))
                     if problem is not None:
                         raise problem
                     val_loss, val_accuracy, extra = validation[k]
-                    stats = EpochStats(member.epoch, float(losses[:, k].mean()), val_loss,
-                                       val_accuracy, lrs[k], share, extra)
+                    stats = EpochStats(member.step, float(losses[:, k].mean()), val_loss,
+                                       val_accuracy, lrs[k], share, extra, reports_per_epoch)
                     if _end_of_epoch(member, stats, functools.partial(
-                            _state, member, stack, k, precision)):
+                            _state, member, stack, k, precision, reports_per_epoch)):
                         leaving[k] = None
                 except Exception as exc:  # noqa: BLE001  (this member's end, not the group's)
                     leaving[k] = exc
@@ -649,17 +691,22 @@ def fit_group(
     return [outcomes[i] for i in range(len(members))]
 
 
-def _state(member: _Member, stack: ModelStack, k: int, precision: str) -> TrainingState:
+def _state(member: _Member, stack: ModelStack, k: int, precision: str,
+           reports_per_epoch: int) -> TrainingState:
     """Member `k` of the stack's whole training state, in the model's own layout."""
     optimizer = member.optimizer.state_dict()
     if stack.fused:
         optimizer = checkpoint.transpose_optimizer_state(optimizer, stack.flipped())
+    rng = checkpoint.rng_state(member.generator)
+    if member.order is not None:  # within an epoch: its order is drawn again on resume
+        rng["batch_order"] = member.epoch_rng
     return checkpoint.capture(
-        epoch=member.epoch, config=dataclasses.asdict(member.config), precision=precision,
+        epoch=member.step, config=dataclasses.asdict(member.config), precision=precision,
         fused=stack.fused, history=[dataclasses.asdict(s) for s in member.result.history],
         model=member.model.state_dict(), optimizer=optimizer,
         scheduler=member.scheduler.state_dict() if member.scheduler is not None else None,
-        rng=checkpoint.rng_state(member.generator), user_code=user_code_versions(member.config))
+        rng=rng, user_code=user_code_versions(member.config),
+        reports_per_epoch=reports_per_epoch)
 
 
 def user_code_versions(config: TrainConfig) -> dict[str, str]:
@@ -667,9 +714,10 @@ def user_code_versions(config: TrainConfig) -> dict[str, str]:
     return {role: code_version(ref, config.code_dir) for role, ref in config.user_code().items()}
 
 
-def load_checkpoint(path, config: TrainConfig) -> TrainingState:
+def load_checkpoint(path, config: TrainConfig, reports_per_epoch: int = 1) -> TrainingState:
     """The checkpoint at `path` if `config` can go on from it here: same config, precision
-    (as resolved on this machine), model architecture and code; else checkpoint.Refused."""
+    (as resolved on this machine), model architecture, code and reports per epoch; else
+    checkpoint.Refused."""
     precision = resolve_precision(config.precision, resolve_device(config.device))
     try:
         with torch.device("meta"):  # the architecture only, no memory
@@ -677,7 +725,8 @@ def load_checkpoint(path, config: TrainConfig) -> TrainingState:
     except Exception:  # noqa: BLE001  (a factory that can't build there: the shapes are
         model = None  # checked as the weights load)
     return checkpoint.load(path, dataclasses.asdict(config), precision,
-                           user_code=user_code_versions(config), model=model)
+                           user_code=user_code_versions(config), model=model,
+                           reports_per_epoch=reports_per_epoch)
 
 
 def _restore(member: _Member, state: TrainingState, stack: ModelStack, *, alone: bool) -> None:
@@ -690,7 +739,7 @@ def _restore(member: _Member, state: TrainingState, stack: ModelStack, *, alone:
         member.scheduler.load_state_dict(state.scheduler)
     checkpoint.restore_rng(member.generator, state.rng, global_too=alone)
     member.result.history = [EpochStats(**s) for s in state.history]
-    member.epoch = state.epoch
+    member.step = state.epoch  # within an epoch, the generator is back at its start
 
 
 def fit(

@@ -90,10 +90,12 @@ _BATCH_METRICS = 1000  # MLflow's limit on the metrics of one log_batch
 
 
 def _epoch_metrics(stats: EpochStats, timestamp: int) -> list[Metric]:
-    """One epoch's curve points: losses, accuracy, learning rate, seconds, user metric."""
+    """One report's curve points: losses, accuracy, learning rate, seconds, user metric;
+    with reports within epochs, the step is the report's and `epoch` says how far it was."""
     values = {"train_loss": stats.train_loss, "val_loss": stats.val_loss,
               "val_accuracy": stats.val_accuracy, "lr": stats.lr,
-              "epoch_seconds": stats.seconds, **stats.extra}
+              "epoch_seconds": stats.seconds, **stats.extra,
+              "epoch": stats.epochs if stats.reports_per_epoch > 1 else None}
     return [Metric(k, float(v), timestamp, stats.epoch) for k, v in values.items()
             if v is not None]
 

@@ -116,10 +116,15 @@ def claim_trial(opened: OpenStudy) -> Claim:
             counted = counted_trials(study)
             if len(counted) >= opened.ref.n_trials:
                 wait = _others_running(opened, counted)
-                if not wait and opened.ref.n_trials >= spec.budget.n_trials:
-                    close_paused(opened)  # the study is over: nothing can promote them
-                return Claim(wait=wait)
-            waiting = next((t for t in trials if is_queued(t)), None)
+                if wait or opened.ref.n_trials < spec.budget.n_trials:
+                    return Claim(wait=wait)
+                # The study is over: nothing can promote the paused trials any more.
+                waiting = spec.asha.leader(trials, spec.maximize) if spec.asha else None
+                if waiting is None:
+                    close_paused(opened)
+                    return Claim()
+            else:
+                waiting = next((t for t in trials if is_queued(t)), None)
             if waiting is None:
                 pending = next_enqueued(trials, spec, storage.resilience.max_retry)
                 if pending is None and spec.sampler.get("name") == "grid":

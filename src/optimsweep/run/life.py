@@ -212,7 +212,8 @@ def _run_group(opened: OpenStudy, group: list[_Member], data, on_report) -> None
                 [m.config for m in fitting], data,
                 [_on_epoch(opened, m, on_report) for m in fitting],
                 resume=[m.found.state if m.found else None for m in fitting],
-                checkpoints=[m.writer for m in fitting])
+                checkpoints=[m.writer for m in fitting],
+                reports_per_epoch=opened.spec.budget.reports_per_epoch)
         except Exception as exc:  # noqa: BLE001  (e.g. out of memory: the whole group's)
             results = [exc] * len(fitting)
         for member, result in zip(fitting, results, strict=True):
@@ -236,20 +237,21 @@ def _resume(opened: OpenStudy, member: _Member) -> None:
     goes on from the newest checkpoint of the trials it retries: its run gets the curve so
     far, its trial the intermediate values, both say where it went on from."""
     trial, tracker = member.trial, opened.tracker
+    per_epoch = opened.spec.budget.reports_per_epoch
     runs = resume.retried_runs(opened.study, trial)
     member.earlier_runs = [run_id for run_id, _ in runs]
     if member.promoted is not None:
         found = member.found = resume.latest(tracker, [(member.promoted, trial.number)],
-                                             member.config, f"trial {trial.number}")
-        epochs = member.config.epochs
+                                             member.config, f"trial {trial.number}", per_epoch)
         say(f"trial {trial.number}: promoted, goes on from epoch "
-            f"{found.state.epoch if found else 0} of {epochs}"
+            f"{found.state.epoch / per_epoch if found else 0:g} of {member.config.epochs}"
             + ("" if found else " (no usable checkpoint: it starts over)"))
         if found is not None:
             tracker.set_tag(member.run_id, Tag.PROMOTIONS,
                             str(trial.user_attrs.get(Attr.PROMOTIONS, 1)))
         return
-    found = member.found = resume.latest(tracker, runs, member.config, f"trial {trial.number}")
+    found = member.found = resume.latest(tracker, runs, member.config, f"trial {trial.number}",
+                                         per_epoch)
     if found is None:
         return
     history = resume.continue_run(tracker, member.run_id, found, f"trial {trial.number}",
@@ -282,7 +284,8 @@ def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] 
     successive halving with promotion, pause the trial at a rung it doesn't pass)."""
     trial, config, metric, spec = member.trial, member.config, opened.spec.metric, opened.spec
     storage = opened.storage
-    rungs = set(spec.asha.rungs(config.epochs)) if spec.asha else set()
+    steps = config.epochs * spec.budget.reports_per_epoch
+    rungs = set(spec.asha.rungs(steps)) if spec.asha else set()
 
     def on_epoch(stats) -> bool:
         signals.check()  # a Ctrl-C whose first raise Python dropped stops here
@@ -294,7 +297,7 @@ def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] 
         _trial_write(opened, trial, trial.report, value, stats.epoch)
         if on_report is not None:
             on_report()
-        if stats.epoch >= config.epochs:  # nothing left to save by stopping
+        if stats.epoch >= steps:  # nothing left to save by stopping
             return False
         if spec.asha is None:
             return storage.call(trial.should_prune)
@@ -339,19 +342,25 @@ def _finish(opened: OpenStudy, member: _Member, result) -> None:
         opened.tracker.set_tag(member.run_id, Tag.CHECKPOINTS, writes)
     for key, value in (("test_loss", result.test_loss),
                        ("test_accuracy", result.test_accuracy), *result.test_extra.items(),
-                       (Attr.EPOCHS_RUN, len(result.history))):
+                       (Attr.EPOCHS_RUN, _whole(result.final.epochs))):
         if value is not None:
             _trial_write(opened, member.trial, member.trial.set_user_attr, key, value)
     if member.paused_at is not None:
-        rungs = opened.spec.asha.rungs(member.config.epochs)
-        opened.tracker.set_tag(member.run_id, Tag.RUNG,
-                               rung_text(rungs.index(member.paused_at), member.paused_at))
+        per_epoch = opened.spec.budget.reports_per_epoch
+        rungs = opened.spec.asha.rungs(member.config.epochs * per_epoch)
+        opened.tracker.set_tag(member.run_id, Tag.RUNG, rung_text(
+            rungs.index(member.paused_at), member.paused_at / per_epoch))
         member.outcome.end(state=State.PAUSED, error=None, counted=True,
                            test_accuracy=result.test_accuracy, paused_at=member.paused_at)
         return
     member.outcome.end(state=State.PRUNED if result.stopped_early else State.COMPLETE,
                        value=result.final.value(opened.spec.metric), error=None, counted=True,
                        test_accuracy=result.test_accuracy)
+
+
+def _whole(epochs: float) -> int | float:
+    """3.0 -> 3: whole epochs read as such; parts of one (reports within epochs) stay."""
+    return int(epochs) if epochs == int(epochs) else epochs
 
 
 def _tell(opened: OpenStudy, trial: optuna.Trial, outcome: Outcome) -> None:
@@ -378,9 +387,9 @@ def _tell(opened: OpenStudy, trial: optuna.Trial, outcome: Outcome) -> None:
                  state=outcome.state.trial_state)
 
 
-def rung_text(rung: int, step: int) -> str:
-    """What a paused or stopped run's RUNG tag says: "1 (epoch 3)"."""
-    return f"{rung} (epoch {step})"
+def rung_text(rung: int, epochs: float) -> str:
+    """What a paused or stopped run's RUNG tag says: "1 (epoch 3)", "0 (epoch 0.25)"."""
+    return f"{rung} (epoch {epochs:g})"
 
 
 def close_paused(opened: OpenStudy) -> list[int]:

@@ -23,7 +23,7 @@ def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
     wait for them: one may fail and leave its place."""
     spec = opened.spec
     fuse = default_fuse(data.device) if spec.fuse == "auto" else spec.fuse
-    bar = Progress(opened.study, spec.name, opened.ref.n_trials, spec.budget.epochs) \
+    bar = Progress(opened.study, spec.name, opened.ref.n_trials, spec.budget) \
         if progress else None
     try:
         while deadline is None or time.time() < deadline:
@@ -41,8 +41,9 @@ def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
                 elif outcome.state == State.FAILED:
                     say(f"trial {trial.number} failed: {outcome.error}")
                 elif outcome.state == State.PAUSED:
-                    say(f"trial {trial.number}: paused at epoch {outcome.paused_at}: not in "
-                        f"the top 1/{spec.asha.reduction_factor} of its rung for now")
+                    epoch = outcome.paused_at / spec.budget.reports_per_epoch
+                    say(f"trial {trial.number}: paused at epoch {epoch:g}: not in the top "
+                        f"1/{spec.asha.reduction_factor} of its rung for now")
             if bar is not None:
                 bar.update()
     finally:

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from optimsweep.records.schema import Attr, counted_trials, is_paused
+from optimsweep.sweep.spec import Budget
 
 
 def say(message: str) -> None:
@@ -26,9 +27,9 @@ def scheduler_counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
 
 
 class Progress:
-    def __init__(self, study: optuna.Study, name: str, n_trials: int, epochs: int):
+    def __init__(self, study: optuna.Study, name: str, n_trials: int, budget: Budget):
         self.study = study
-        self.epochs = epochs
+        self.budget = budget
         self.start = len(counted_trials(study))
         self.bar = tqdm(total=max(0, n_trials - self.start), desc=name, unit="trial",
                         file=sys.stderr)
@@ -41,8 +42,9 @@ class Progress:
         if any(t.state == TrialState.COMPLETE for t in trials):
             best = study.best_trial
             parts.append(f"best: trial {best.number} = {best.value:.4f}")
-        running = [f"{t.number} (epoch {max(t.intermediate_values, default=0)}/{self.epochs})"
-                   for t in trials if t.state == TrialState.RUNNING]
+        per_epoch = self.budget.reports_per_epoch
+        running = [f"{t.number} (epoch {max(t.intermediate_values, default=0) / per_epoch:g}"
+                   f"/{self.budget.epochs})" for t in trials if t.state == TrialState.RUNNING]
         if running:
             parts.append(f"running: {', '.join(running[:4])}"
                          + (f" +{len(running) - 4}" if len(running) > 4 else ""))

@@ -46,7 +46,7 @@ class Found:
 
 
 def latest(tracker: Tracker, runs: list[tuple[str, int | None]], config: TrainConfig,
-           what: str) -> Found | None:
+           what: str, reports_per_epoch: int = 1) -> Found | None:
     """The newest usable checkpoint of `runs` ((run id, trial number), searched in order,
     each run's newest first) for `config`; a refused one gets a note naming `what` (the
     trial or confirm run that looked)."""
@@ -56,7 +56,8 @@ def latest(tracker: Tracker, runs: list[tuple[str, int | None]], config: TrainCo
                 folder = Path(tmp) / run_id
                 try:
                     path = tracker.download(run_id, name, folder)
-                    return Found(train.load_checkpoint(path, config), run_id, trial)
+                    return Found(train.load_checkpoint(path, config, reports_per_epoch),
+                                 run_id, trial)
                 except checkpoint.Refused as exc:
                     log.warning(f"{what}: checkpoint {name} of run {run_id} refused: {exc}; "
                                 "not resumed from it")
@@ -67,7 +68,7 @@ def continue_run(tracker: Tracker, run_id: str, found: Found, what: str,
                  epochs: int) -> list[EpochStats]:
     """The run goes on from `found`: one line says so, the run gets the curve so far and
     says where it went on from. Returns that curve."""
-    epoch = found.state.epoch
+    epoch = f"{found.state.epoch / found.state.reports_per_epoch:g}"
     say(f"{what}: resumed at epoch {epoch} of {epochs} (from the checkpoint of "
         f"{found.where})")
     history = [EpochStats(**stats) for stats in found.state.history]

@@ -96,7 +96,7 @@ def _refuse_records_without_study(tracker: Tracker, spec: Spec, storage_url: str
 def _load(storage: StudyStorage, spec: Spec) -> optuna.Study:
     """The study with the sweep file's pruner. The sampler is set per claim (claim.py)."""
     study = optuna.load_study(study_name=spec.name, storage=storage.optuna,
-                              pruner=build_pruner(spec.pruner, epochs=spec.budget.epochs))
+                              pruner=build_pruner(spec.pruner, epochs=spec.budget.steps))
     return never_stops(study)
 
 
@@ -248,4 +248,5 @@ def close_study_run(opened: OpenStudy, status: str) -> None:
 
     spec = ref.spec
     log_study_plots(study, spec.metric, tracker, ref.parent_run_id,
-                    spec.asha.rungs(spec.budget.epochs) if spec.asha else ())
+                    spec.asha.rungs(spec.budget.steps) if spec.asha else (),
+                    spec.budget.reports_per_epoch)

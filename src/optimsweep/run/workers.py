@@ -57,7 +57,7 @@ def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
         p.start()
     try:
         bar = Progress(opened.study, opened.spec.name, opened.ref.n_trials,
-                       opened.spec.budget.epochs) if progress else None
+                       opened.spec.budget) if progress else None
         # is_alive() reaps a dead worker: ask every one, so none stays a zombie whose pid
         # still looks alive to the others' stale-trial check.
         while any([p.is_alive() for p in processes]):

@@ -5,7 +5,9 @@ Rungs lie at `min_resource * reduction_factor**k` reports. A trial that reaches 
 on while it stands in the top 1/η of every trial that reached that rung so far; otherwise it
 is paused there with its checkpoint, not killed. Whenever a worker is free it first promotes
 the paused trial that now stands in the top 1/η of its rung (the highest rung first), else
-starts a new configuration. Nothing waits for a rung to fill. Optuna's own
+starts a new configuration. Nothing waits for a rung to fill. When the budget is used up and
+nothing runs, the leader of the highest rung reached is finished if nobody went beyond it
+(`leader`); the rest stay pruned at their rungs. Optuna's own
 `SuccessiveHalvingPruner` is the stopping form: it kills what this pauses.
 
 Everything here reads a study's trials (their intermediate values and user attributes), so
@@ -72,6 +74,23 @@ class Asha:
         top_step = best[0].user_attrs[Attr.PAUSED_AT]
         return min((t for t in best if t.user_attrs[Attr.PAUSED_AT] == top_step),
                    key=lambda t: tops[top_step].index(t.number))
+
+    def leader(self, trials: list[optuna.trial.FrozenTrial], maximize: bool
+               ) -> optuna.trial.FrozenTrial | None:
+        """At the study's end, the paused trial to finish anyway: the best at the highest
+        rung any trial is paused at, when no trial went beyond that rung. Without it a study
+        whose top rung never filled (fewer than η trials reached it) would end with no
+        configuration trained on its whole budget."""
+        paused = [t for t in trials if is_paused(t)]
+        if not paused:
+            return None
+        step = max(t.user_attrs[Attr.PAUSED_AT] for t in paused)
+        if any(max(t.intermediate_values, default=0) > step for t in trials
+               if not t.user_attrs.get(Attr.INTERRUPTED)):
+            return None
+        at_top = [t for t in paused if t.user_attrs[Attr.PAUSED_AT] == step]
+        return min(at_top, key=lambda t: (-t.intermediate_values[step] if maximize
+                                          else t.intermediate_values[step], t.number))
 
     def _top(self, trials: list[optuna.trial.FrozenTrial], step: int,
              maximize: bool) -> list[int]:

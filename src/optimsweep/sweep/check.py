@@ -96,7 +96,7 @@ def _build(spec: Spec) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.Base
     except (TypeError, ValueError) as exc:
         raise _fail(spec, "sampler", str(exc)) from None
     try:
-        pruner = build_pruner(spec.pruner, epochs=spec.budget.epochs)
+        pruner = build_pruner(spec.pruner, epochs=spec.budget.steps)
     except (TypeError, ValueError) as exc:
         raise _fail(spec, "pruner", str(exc)) from None
     return sampler, pruner

@@ -47,7 +47,7 @@ TOP_LEVEL_KEYS = ("name", "description", "task", "model", "loss", "metric", "dir
 MAX_FUSE = 64
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 DIRECTIONS = ("maximize", "minimize")
-BUDGET_KEYS = ("n_trials", "epochs", "timeout")
+BUDGET_KEYS = ("n_trials", "epochs", "timeout", "report_every")
 DATA_KEYS = ("factory", "kwargs", "val_size", "split_seed", "train_subset", "in_memory_mb")
 SPLIT_KEYS = DATA_KEYS[2:]  # training values every trial shares
 MODEL_KEYS = ("factory", "kwargs")
@@ -83,6 +83,16 @@ class Budget:
     n_trials: int = 20
     epochs: int = 10
     timeout: float | None = None  # seconds for one `sweep` invocation
+    report_every: float = 1.0  # epochs between reports (pruning, rungs): 1, or 1/R
+
+    @property
+    def reports_per_epoch(self) -> int:
+        return round(1 / self.report_every)
+
+    @property
+    def steps(self) -> int:
+        """Reports in a whole trial: the steps its curve and its pruner count in."""
+        return self.epochs * self.reports_per_epoch
 
 
 @dataclass(frozen=True)
@@ -504,6 +514,12 @@ def _parse_budget(path: Path, raw: dict) -> Budget:
             given[key] = _number(path, f"budget.{key}", budget_raw[key], int)
     if budget_raw.get("timeout") is not None:
         given["timeout"] = _number(path, "budget.timeout", budget_raw["timeout"])
+    if "report_every" in budget_raw:
+        every = given["report_every"] = _number(path, "budget.report_every",
+                                                budget_raw["report_every"])
+        if not (0 < every <= 1 and abs(1 / every - round(1 / every)) < 0.05):
+            raise _fail(path, "budget.report_every", f"{every!r} is not allowed; choose 1 "
+                        "or a fraction 1/R of an epoch (0.5, 0.25, 0.1, ...)")
     budget = Budget(**given)
     for key in BUDGET_KEYS:
         value = getattr(budget, key)
