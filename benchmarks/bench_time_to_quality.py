@@ -11,6 +11,8 @@ journal storage and SQLite MLflow store, with only its pruner changed:
           {name: successive_halving, min_resource: 1, reduction_factor: 3};
   asha    successive halving with promotion: {name: asha, min_resource: 1,
           reduction_factor: 3} (a trial below its rung's top 1/3 is paused, promoted later);
+  asha4   the same with a report every quarter epoch (budget.report_every: 0.25): rungs
+          at 1/4, 3/4, 2 1/4 and 6 3/4 epochs;
   peer    benchmarks/peer_sweep.py: the PyTorch tutorial's own training code driven by
           Optuna as its documentation shows (study.optimize, TPESampler, the median
           variant's MedianPruner, optuna_integration's MLflowCallback), the same search
@@ -68,7 +70,10 @@ PRUNERS = {
     # before successive halving became the default
     "sh": {"name": "successive_halving", "min_resource": 1, "reduction_factor": 3},
     "asha": {"name": "asha", "min_resource": 1, "reduction_factor": 3},
+    "asha4": {"name": "asha", "min_resource": 1, "reduction_factor": 3},
 }
+# Rungs within epochs: a report (and a rung step) every quarter epoch.
+BUDGETS = {"asha4": {"report_every": 0.25}}
 VARIANTS = (*PRUNERS, "peer")
 PEER = Path(__file__).resolve().parent / "peer_sweep.py"
 GRACE_S = 900
@@ -122,8 +127,8 @@ def launch(argv: list[str], folder: Path, seconds: float) -> dict:
 def run_optimsweep(variant: str, seed: int, doc: dict, folder: Path) -> dict:
     doc = {**doc, "seed": seed, "storage": str(folder / "optuna.journal"),
            "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}
-    if PRUNERS[variant] is not None:
-        doc["pruner"] = PRUNERS[variant]
+    doc["pruner"] = PRUNERS[variant]
+    doc["budget"] = {**doc["budget"], **BUDGETS.get(variant, {})}
     sweep = folder / DEFAULT_STUDY.name
     sweep.write_text(yaml.safe_dump(doc, sort_keys=False))
     argv = [sys.executable, "-m", "optimsweep.cli", "sweep", str(sweep), "--no-progress"]
@@ -133,7 +138,10 @@ def run_optimsweep(variant: str, seed: int, doc: dict, folder: Path) -> dict:
         storage = optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal")))
         study = optuna.load_study(study_name=doc["name"], storage=storage)
+        per_epoch = round(1 / doc["budget"].get("report_every", 1))
         run["trials"] = [trial_record(t) for t in study.trials]
+        for record in run["trials"]:  # reports, a quarter epoch each with asha4
+            record["epochs"] /= per_epoch
     return run
 
 
@@ -193,7 +201,7 @@ def fmt(value, spec: str, width: int) -> str:
     return f"{'-' if value is None else format(value, spec):>{width}}"
 
 
-COLUMNS = [("wall s", "wall", ".0f", 7), ("trial-ep", "trial_epochs", "d", 8),
+COLUMNS = [("wall s", "wall", ".0f", 7), ("trial-ep", "trial_epochs", ".0f", 8),
            ("trials", "finished", "d", 6), ("best val", "best_val", ".2%", 8),
            ("its test", "best_test", ".2%", 8), (f">={TARGET:.1%} s", "to_target", ".0f", 9),
            ("/peer", "target_vs_peer", ".2f", 5), ("final s", "to_final", ".0f", 7),
@@ -239,7 +247,7 @@ def print_medians(tables: list[dict[str, dict]]) -> None:
 
 # Line styles as well as colours: variants that found the same trials overlap.
 STYLES = {"median": ("tab:blue", "-"), "sh": ("tab:orange", "--"), "asha": ("tab:green", "-."),
-          "peer": ("tab:gray", ":")}
+          "asha4": ("tab:red", (0, (5, 1, 1, 1))), "peer": ("tab:gray", ":")}
 
 
 def plot(runs: list[dict], seeds: list[int], scale: str, path: Path) -> None:
@@ -298,7 +306,7 @@ def one_run(variant: str, seed: int, doc: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="median,sh,asha,peer")
     parser.add_argument("--train-subset", type=int, default=None, help="training images kept")
     parser.add_argument("--val-size", type=int, default=None, help="validation images")
     parser.add_argument("--epochs", type=int, default=None, help="per trial")
