@@ -65,8 +65,12 @@ def assert_invariant(spec, n_trials: int | None = None):
     assert parent.info.status != "RUNNING"
     assert all(r.info.status != "RUNNING" for r in mlflow_runs(spec, "confirm")[1])
     assert len(counted) <= budget
-    if len(counted) == budget:  # the budget used up: the study is done, whoever finished it
+    paused = [t for t in trials if t.state.name == "WAITING"]
+    if len(counted) == budget and not paused:  # the budget used up: the study is done,
         assert parent.info.status == "FINISHED", parent.data.tags.get("optimsweep.note")
+    if paused:  # trials paused at a rung may go on: the study run says how to
+        assert parent.info.status == "KILLED"
+        assert "run the sweep again" in parent.data.tags["optimsweep.note"]
     return client, children, trials
 
 

@@ -205,3 +205,28 @@ def test_fused_trials_pause_and_are_promoted_one_by_one(tmp_path, capsys):
     for t in trials:
         history = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")
         assert [m.step for m in history] == sorted(t.intermediate_values)
+
+
+def test_the_sampler_learns_from_paused_trials_as_from_pruned_ones():
+    # 20 trials paused at their first rung, the best near x = 0.8: TPE, which skips WAITING
+    # trials, sees them as pruned there and samples near 0.8 instead of at random.
+    import optuna
+
+    from optimsweep.records.optuna_adapter import paused_seen_as_pruned, start_trial
+    from optimsweep.sweep.samplers import build_sampler
+
+    study = optuna.create_study(direction="maximize",
+                                sampler=build_sampler({"name": "random"}, seed=0))
+    for _ in range(20):
+        t = start_trial(study)
+        t.report(-abs(t.suggest_float("x", 0, 1) - 0.8), 1)
+        t.set_user_attr("paused_at", 1)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
+    study.sampler = paused_seen_as_pruned(build_sampler({"name": "tpe"}, seed=0))
+    drawn = []
+    for _ in range(8):
+        t = start_trial(study)
+        drawn.append(t.suggest_float("x", 0, 1))
+        study.tell(t, state=TrialState.PRUNED)
+    assert sorted(abs(x - 0.8) for x in drawn)[4] < 0.1, drawn  # 5 of 8 (at random: 1.6)
+    assert sum(t.state == TrialState.WAITING for t in study.trials) == 20  # still paused

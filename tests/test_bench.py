@@ -60,3 +60,14 @@ def test_bench_checkpoints_prints_each_variants_writes_and_shares():
     size = re.search(r"^checkpoint file: ([\d.]+) MB; files kept per run: 1$", out, re.M)
     assert size and float(size.group(1)) > 2.7, out  # the MLP's weights alone: 2.7 MB
     assert re.search(r"^target: every: auto .*: (met|MISSED) \([\d.]+%\)$", out, re.M), out
+
+
+def test_bench_time_to_quality_runs_each_variant_and_the_peer_and_plots_them(tmp_path):
+    out = run("bench_time_to_quality.py", "--variants", "asha,peer", "--train-subset", "1000",
+              "--val-size", "500", "--epochs", "2", "--n-trials", "3", "--seeds", "0",
+              "--out", str(tmp_path))
+    assert re.search(r"^CPU: .+, \d+ cores, torch threads \d+; flags: ", out, re.M), out
+    rows = dict(re.findall(r"^  (asha|peer) +\d+ +(\d+) +3 ", out, re.M))
+    assert set(rows) == {"asha", "peer"} and int(rows["peer"]) == 6, out  # 3 trials x 2
+    assert (tmp_path / "time_to_quality.png").stat().st_size > 10_000
+    assert (tmp_path / "time_to_quality.json").exists()

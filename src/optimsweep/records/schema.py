@@ -99,6 +99,7 @@ class Attr:
     RESUMED_FROM = "resumed_from"  # {"trial": 7, "epoch": 6}: the checkpoint it went on from
     PAUSED_AT = "paused_at"  # the step (epoch) of the rung it waits at; None once promoted
     PROMOTIONS = "promotions"  # how many times a paused trial was promoted
+    LEADER = "leader"  # promoted at the study's end to train its whole budget (asha.leader)
     # the study's
     STUDY_UID = "study_uid"  # given when the study is created: its runs carry it as a tag, so
     # a repair deletes only runs it can prove are this very study's (not a same-named one's)

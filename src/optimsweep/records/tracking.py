@@ -365,7 +365,8 @@ class Tracker:
                 return []
             raise
         return sorted((f.path for f in found if not f.is_dir and f.path.endswith(".pt")),
-                      reverse=True)
+                      key=lambda path: int("".join(c for c in path if c.isdigit()) or 0),
+                      reverse=True)  # by number: epoch-10000 is newer than epoch-9999
 
     @_store_call
     def delete_checkpoints(self, run_id: str) -> None:

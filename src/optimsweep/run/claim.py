@@ -19,7 +19,12 @@ import optuna
 from optuna.trial import TrialState
 
 from optimsweep.errors import StoreError
-from optimsweep.records.optuna_adapter import enqueued_params, start_trial, trial_id
+from optimsweep.records.optuna_adapter import (
+    enqueued_params,
+    paused_seen_as_pruned,
+    start_trial,
+    trial_id,
+)
 from optimsweep.records.schema import Attr, counted_trials, is_paused, is_queued
 from optimsweep.run.context import OpenStudy
 from optimsweep.run.life import close_paused
@@ -123,6 +128,8 @@ def claim_trial(opened: OpenStudy) -> Claim:
                 if waiting is None:
                     close_paused(opened)
                     return Claim()
+                storage.call(storage.optuna.set_trial_user_attr, trial_id(waiting),
+                             Attr.LEADER, True, retry=False)
             else:
                 waiting = next((t for t in trials if is_queued(t)), None)
             if waiting is None:
@@ -133,12 +140,18 @@ def claim_trial(opened: OpenStudy) -> Claim:
                         return Claim(wait=_others_running(opened, counted))
                     pending = (point, {})
         study.sampler = _seeded_sampler(spec, len(trials))
+        if spec.asha:
+            study.sampler = paused_seen_as_pruned(study.sampler)
         with signals.held():
             if pending is not None:
                 storage.call(study.enqueue_trial, pending[0], user_attrs=pending[1],
                              retry=False)
                 waiting = next(t for t in reversed(study.get_trials(deepcopy=False))
                                if is_queued(t))
+            if waiting is not None and is_paused(waiting):  # its owner named before it runs:
+                for key, value in ((Attr.HOST, socket.gethostname()), (Attr.PID, os.getpid())):
+                    storage.call(storage.optuna.set_trial_user_attr, trial_id(waiting), key,
+                                 value, retry=False)  # a promotion cut short is then stale
             trial = storage.call(start_trial, study, waiting, retry=False)
             if trial is None:  # only another process outside the lock could have
                 raise StoreError(f"study storage: trial {waiting.number} was started by "

@@ -110,8 +110,8 @@ def owned_run(tracker: Tracker, start: Callable[[], str],
             raise
     finally:
         problems = []
-        for close in (before_close, lambda o: tracker.finish_run(o.run_id, o.state, o.error,
-                                                                 o.traceback)):
+        for close in (before_close, lambda o: o.state == State.PAUSED or tracker.finish_run(
+                o.run_id, o.state, o.error, o.traceback)):  # a pause: before_close did it
             if close is None or outcome.run_id is None or outcome.taken:
                 continue
             try:
@@ -200,6 +200,8 @@ def _run_group(opened: OpenStudy, group: list[_Member], data, on_report) -> None
                     opened.tracker.log_config(member.run_id, member.config,
                                               member.trial.params)
                 _resume(opened, member)
+                if _judged_at_rung(opened, member):
+                    continue  # paused where its checkpoint left it
                 member.writer = resume.checkpointer(
                     opened.tracker, member.run_id, opened.spec.checkpoint,
                     functools.partial(_check_mine, opened, member.trial))
@@ -241,7 +243,7 @@ def _resume(opened: OpenStudy, member: _Member) -> None:
     runs = resume.retried_runs(opened.study, trial)
     member.earlier_runs = [run_id for run_id, _ in runs]
     if member.promoted is not None:
-        found = member.found = resume.latest(tracker, [(member.promoted, trial.number)],
+        found = member.found = resume.latest(tracker, [(member.promoted, trial.number), *runs],
                                              member.config, f"trial {trial.number}", per_epoch)
         say(f"trial {trial.number}: promoted, goes on from epoch "
             f"{found.state.epoch / per_epoch if found else 0:g} of {member.config.epochs}"
@@ -260,6 +262,32 @@ def _resume(opened: OpenStudy, member: _Member) -> None:
                  {"trial": found.trial, "epoch": found.state.epoch})
     for stats in history:
         _trial_write(opened, trial, trial.report, stats.value(opened.spec.metric), stats.epoch)
+
+
+def _judged_at_rung(opened: OpenStudy, member: _Member) -> bool:
+    """A retry that goes on from a checkpoint at a rung (its trial was interrupted between
+    writing it and recording its verdict) is judged there first; True when it is paused at
+    once, without training (a later promotion finds the checkpoint in the run it retries)."""
+    spec, found = opened.spec, member.found
+    if spec.asha is None or found is None or member.promoted is not None:
+        return False
+    step = found.state.epoch
+    trials = opened.storage.call(opened.study.get_trials, deepcopy=False)
+    if step not in spec.asha.rungs(member.config.epochs * spec.budget.reports_per_epoch) or \
+            spec.asha.keeps_going(trials, member.trial.number, step, spec.maximize):
+        return False
+    member.paused_at = step
+    _record_rung(opened, member)
+    member.outcome.end(state=State.PAUSED, error=None, counted=True, paused_at=step)
+    return True
+
+
+def _record_rung(opened: OpenStudy, member: _Member) -> None:
+    """The rung a trial stops at, on its run: "1 (epoch 3)"."""
+    per_epoch = opened.spec.budget.reports_per_epoch
+    rungs = opened.spec.asha.rungs(member.config.epochs * per_epoch)
+    opened.tracker.set_tag(member.run_id, Tag.RUNG, rung_text(
+        rungs.index(member.paused_at), member.paused_at / per_epoch))
 
 
 def _start_run(opened: OpenStudy, member: _Member, group_size: int, device) -> str:
@@ -301,12 +329,16 @@ def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] 
             return False
         if spec.asha is None:
             return storage.call(trial.should_prune)
-        if stats.epoch in rungs and not spec.asha.keeps_going(
-                storage.call(opened.study.get_trials, deepcopy=False), trial.number,
-                stats.epoch, spec.maximize):
-            member.paused_at = stats.epoch
-            return True
-        return False
+        if stats.epoch not in rungs or trial.user_attrs.get(Attr.LEADER):
+            return False
+        trials = storage.call(opened.study.get_trials, deepcopy=False)
+        if spec.asha.keeps_going(trials, trial.number, stats.epoch, spec.maximize):
+            return False
+        # Written now, not when the group ends: a fused group's Ctrl-C flushes only the
+        # members still training.
+        member.writer.flush()
+        member.paused_at = stats.epoch
+        return True
 
     return on_epoch
 
@@ -332,8 +364,6 @@ def _trial_write(opened: OpenStudy, trial: optuna.Trial, fn, *args, **kwargs):
 
 def _finish(opened: OpenStudy, member: _Member, result) -> None:
     _check_mine(opened, member.trial)
-    if member.paused_at is not None:  # promoted later from this very state
-        member.writer.flush()
     opened.tracker.log_result(member.run_id, result)
     trained = sum(s.seconds for s in result.history[member.found.state.epoch
                                                     if member.found else 0:])
@@ -346,16 +376,24 @@ def _finish(opened: OpenStudy, member: _Member, result) -> None:
         if value is not None:
             _trial_write(opened, member.trial, member.trial.set_user_attr, key, value)
     if member.paused_at is not None:
-        per_epoch = opened.spec.budget.reports_per_epoch
-        rungs = opened.spec.asha.rungs(member.config.epochs * per_epoch)
-        opened.tracker.set_tag(member.run_id, Tag.RUNG, rung_text(
-            rungs.index(member.paused_at), member.paused_at / per_epoch))
+        _record_rung(opened, member)
         member.outcome.end(state=State.PAUSED, error=None, counted=True,
                            test_accuracy=result.test_accuracy, paused_at=member.paused_at)
         return
     member.outcome.end(state=State.PRUNED if result.stopped_early else State.COMPLETE,
                        value=result.final.value(opened.spec.metric), error=None, counted=True,
                        test_accuracy=result.test_accuracy)
+
+
+def _pause(opened: OpenStudy, trial: optuna.Trial, outcome: Outcome) -> None:
+    """Record a pause: the run first (once the trial is WAITING another worker may promote
+    it, and its run is then that worker's), then the rung (WAITING without it is a queue
+    entry), and WAITING last. A crash in between leaves a RUNNING trial of an ended
+    process: the repair fails it, and its retry goes on from the rung's checkpoint."""
+    opened.tracker.finish_run(outcome.run_id, State.PAUSED)
+    _trial_write(opened, trial, trial.set_user_attr, Attr.PAUSED_AT, outcome.paused_at)
+    _trial_write(opened, trial, opened.storage.optuna.set_trial_state_values,
+                 trial_id(trial), State.PAUSED.trial_state)
 
 
 def _whole(epochs: float) -> int | float:
@@ -377,10 +415,8 @@ def _tell(opened: OpenStudy, trial: optuna.Trial, outcome: Outcome) -> None:
         _trial_write(opened, trial, trial.set_user_attr, Attr.ERROR, outcome.error[:2000])
     if not outcome.counted:
         _trial_write(opened, trial, trial.set_user_attr, Attr.INTERRUPTED, True)
-    if outcome.state == State.PAUSED:  # the rung first: WAITING without it is a queue entry
-        _trial_write(opened, trial, trial.set_user_attr, Attr.PAUSED_AT, outcome.paused_at)
-        _trial_write(opened, trial, opened.storage.optuna.set_trial_state_values,
-                     trial_id(trial), State.PAUSED.trial_state)
+    if outcome.state == State.PAUSED:
+        _pause(opened, trial, outcome)
         return
     value = outcome.value if outcome.state == State.COMPLETE else None
     _trial_write(opened, trial, opened.study.tell, trial, value,

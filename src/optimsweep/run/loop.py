@@ -34,7 +34,7 @@ def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
                 time.sleep(min(2.0, opened.storage.resilience.heartbeat_interval))
                 continue
             for trial, outcome in zip(got.trials, run_trials(opened, got.trials, data,
-                                                             bar.update if bar else None),
+                                                             bar.tick if bar else None),
                                       strict=True):
                 if outcome.taken:  # nothing of it is ours to record any more
                     log.warning(outcome.taken)

@@ -4,7 +4,9 @@ stopped)."""
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 
 import optuna
 from optuna.trial import TrialState
@@ -12,6 +14,9 @@ from tqdm import tqdm
 
 from optimsweep.records.schema import Attr, counted_trials, is_paused
 from optimsweep.sweep.spec import Budget
+
+log = logging.getLogger("optimsweep")
+TICK_SECONDS = 1.0  # the most often a report redraws the line (each redraw reads the study)
 
 
 def say(message: str) -> None:
@@ -33,8 +38,20 @@ class Progress:
         self.start = len(counted_trials(study))
         self.bar = tqdm(total=max(0, n_trials - self.start), desc=name, unit="trial",
                         file=sys.stderr)
+        self._drawn = 0.0
+
+    def tick(self) -> None:
+        """A trial reported: redraw, at most every TICK_SECONDS. A store that fails here is
+        the next write's to report, not the trial's failure."""
+        if time.monotonic() - self._drawn < TICK_SECONDS:
+            return
+        try:
+            self.update()
+        except Exception as exc:  # noqa: BLE001
+            log.debug(f"progress line not redrawn: {exc}")
 
     def update(self) -> None:
+        self._drawn = time.monotonic()
         study, bar = self.study, self.bar
         bar.n = min(bar.total, len(counted_trials(study)) - self.start)
         trials = study.get_trials(deepcopy=False)

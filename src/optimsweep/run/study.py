@@ -16,10 +16,10 @@ from optuna.trial import TrialState
 from optimsweep.core.train import TrainConfig, load_data
 from optimsweep.errors import DataError, SpecError, StoreError, UserCodeError
 from optimsweep.records.optuna_adapter import never_stops
-from optimsweep.records.schema import Attr, Tag, counted_trials
+from optimsweep.records.schema import Attr, Tag, counted_trials, is_paused
 from optimsweep.records.storage import StudyStorage, is_journal, resolve_storage
 from optimsweep.records.tracking import Tracker, resolve_tracking_uri
-from optimsweep.report import log_summary
+from optimsweep.report import log_summary, state_counts
 from optimsweep.run.context import OpenStudy, StudyRef
 from optimsweep.run.repair import reconcile, repair
 from optimsweep.sweep.check import load_spec, parse_spec
@@ -224,6 +224,7 @@ def close_study_run(opened: OpenStudy, status: str) -> None:
     repair(opened)
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     left = ref.n_trials - len(counted_trials(study))
+    paused = [t for t in study.get_trials(deepcopy=False) if is_paused(t)]
     if not running and left <= 0 and tracker.status(ref.parent_run_id) == "FINISHED":
         return  # finished by the worker that ran its last trial, summary and all
     if running:
@@ -231,6 +232,9 @@ def close_study_run(opened: OpenStudy, status: str) -> None:
     elif status == "FINISHED" and left > 0:  # a timeout: only a full budget is FINISHED
         status, note = "KILLED", (f"stopped with {left} of {ref.n_trials} trials of the "
                                   "budget left; run the sweep again to finish them")
+    elif status == "FINISHED" and paused:  # so is a study whose paused trials may go on
+        status, note = "KILLED", (f"stopped with {len(paused)} trials paused at a rung; run "
+                                  "the sweep again to promote them")
     else:
         note = ""
     tracker.set_tag(ref.parent_run_id, Tag.NOTE, note)
@@ -238,7 +242,7 @@ def close_study_run(opened: OpenStudy, status: str) -> None:
         return  # the summary and plots are the last process's to write
     tracker.set_status(ref.parent_run_id, status)
     # Workers ending together would each draw the same plots: the first one does.
-    finished = f"{len(study.get_trials(deepcopy=False)) - len(running)} trials"
+    finished = ", ".join(f"{n} {state}" for state, n in state_counts(study).items())
     with opened.lock():
         if tracker.tag(ref.parent_run_id, Tag.SUMMARIZED) == finished:
             return

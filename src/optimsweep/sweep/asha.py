@@ -18,6 +18,7 @@ promotes, under the study lock) and a trial's life (which pauses) apply it.
 from __future__ import annotations
 
 import optuna
+from optuna.trial import TrialState
 
 from optimsweep.records.schema import Attr, is_paused
 
@@ -78,15 +79,16 @@ class Asha:
     def leader(self, trials: list[optuna.trial.FrozenTrial], maximize: bool
                ) -> optuna.trial.FrozenTrial | None:
         """At the study's end, the paused trial to finish anyway: the best at the highest
-        rung any trial is paused at, when no trial went beyond that rung. Without it a study
-        whose top rung never filled (fewer than η trials reached it) would end with no
-        configuration trained on its whole budget."""
+        rung any trial is paused at, when no trial went beyond that rung and finished (or
+        still runs). Without it a study whose top rung never filled (fewer than η trials
+        reached it), or whose trials beyond it failed, would end with no configuration
+        trained on its whole budget. The leader goes on to the end (Attr.LEADER)."""
         paused = [t for t in trials if is_paused(t)]
         if not paused:
             return None
         step = max(t.user_attrs[Attr.PAUSED_AT] for t in paused)
         if any(max(t.intermediate_values, default=0) > step for t in trials
-               if not t.user_attrs.get(Attr.INTERRUPTED)):
+               if t.state in (TrialState.COMPLETE, TrialState.RUNNING)):
             return None
         at_top = [t for t in paused if t.user_attrs[Attr.PAUSED_AT] == step]
         return min(at_top, key=lambda t: (-t.intermediate_values[step] if maximize

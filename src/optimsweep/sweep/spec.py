@@ -150,8 +150,10 @@ class Spec:
                      {c: list(v) for c, v in p.when.items()}]
                  for k, p in self.search_space.items()}
         base = {k: v for k, v in self.base.items() if k not in NOT_FINGERPRINTED}
-        blob = json.dumps([base, space, self.metric, self.direction],
-                          sort_keys=True, default=str)
+        compared = [base, space, self.metric, self.direction]
+        if self.budget.report_every != 1:  # steps then count reports: not comparable with
+            compared.append(self.budget.report_every)  # another spacing (absent: older ids)
+        blob = json.dumps(compared, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
