@@ -273,7 +273,7 @@ def _judged_at_rung(opened: OpenStudy, member: _Member) -> bool:
         return False
     step = found.state.epoch
     trials = opened.storage.call(opened.study.get_trials, deepcopy=False)
-    if step not in spec.asha.rungs(member.config.epochs * spec.budget.reports_per_epoch) or \
+    if step not in spec.rungs or \
             spec.asha.keeps_going(trials, member.trial.number, step, spec.maximize):
         return False
     member.paused_at = step
@@ -284,10 +284,9 @@ def _judged_at_rung(opened: OpenStudy, member: _Member) -> bool:
 
 def _record_rung(opened: OpenStudy, member: _Member) -> None:
     """The rung a trial stops at, on its run: "1 (epoch 3)"."""
-    per_epoch = opened.spec.budget.reports_per_epoch
-    rungs = opened.spec.asha.rungs(member.config.epochs * per_epoch)
+    spec = opened.spec
     opened.tracker.set_tag(member.run_id, Tag.RUNG, rung_text(
-        rungs.index(member.paused_at), member.paused_at / per_epoch))
+        spec.rungs.index(member.paused_at), member.paused_at / spec.budget.reports_per_epoch))
 
 
 def _start_run(opened: OpenStudy, member: _Member, group_size: int, device) -> str:
@@ -313,7 +312,7 @@ def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] 
     trial, config, metric, spec = member.trial, member.config, opened.spec.metric, opened.spec
     storage = opened.storage
     steps = config.epochs * spec.budget.reports_per_epoch
-    rungs = set(spec.asha.rungs(steps)) if spec.asha else set()
+    rungs = set(spec.rungs)
 
     def on_epoch(stats) -> bool:
         signals.check()  # a Ctrl-C whose first raise Python dropped stops here

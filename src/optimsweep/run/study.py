@@ -252,5 +252,5 @@ def close_study_run(opened: OpenStudy, status: str) -> None:
 
     spec = ref.spec
     log_study_plots(study, spec.metric, tracker, ref.parent_run_id,
-                    spec.asha.rungs(spec.budget.steps) if spec.asha else (),
+                    spec.rungs,
                     spec.budget.reports_per_epoch)

@@ -135,6 +135,12 @@ class Spec:
         return Asha.of(self.pruner)
 
     @property
+    def rungs(self) -> list[int]:
+        """The steps at which successive halving with promotion judges a trial (none
+        without it): every trial trains the budget's epochs."""
+        return self.asha.rungs(self.budget.steps) if self.asha else []
+
+    @property
     def maximize(self) -> bool:
         return self.direction == "maximize"
 
