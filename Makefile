@@ -8,7 +8,7 @@ TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 SERVICES ?= .services
 ARGS   ?=
 
-.PHONY: install data browser services services-stop sweep ui export best confirm train test \
+.PHONY: install data browser services services-stop sweep ui serve export best confirm train test \
         bench bench-checkpoints bench-core bench-quality bench-scaling lint clean
 
 install: $(VENV)/.installed
@@ -43,18 +43,31 @@ services-stop: install
 	$(BIN)/optimsweep services stop --dir $(SERVICES)
 
 # Against a tracking server (MLFLOW_TRACKING_URI=http://...) the server is the UI.
+# The address printed first shows the study's trials side by side, best first, as charts.
 ui: install
 ifneq (,$(filter http://% https://%,$(TRACKING_URI)))
-	@echo "MLflow UI: $(TRACKING_URI)/#/experiments?workflowType=machine_learning  (the tracking server's own)"
+	@echo "MLflow UI (the tracking server's own): all experiments at"
+	@echo "  $(TRACKING_URI)/#/experiments?workflowType=machine_learning"
+	-@$(BIN)/optimsweep url $(SWEEP) 2>/dev/null | sed 's/^/  trials of $(notdir $(SWEEP)): /'
 else
 	@mkdir -p mlruns
-	@echo "MLflow UI: http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning  (Ctrl-C to stop)"
+	@echo "MLflow UI on http://127.0.0.1:$(PORT) (Ctrl-C to stop)"
+	-@$(BIN)/optimsweep url $(SWEEP) --port $(PORT) 2>/dev/null | sed 's/^/  trials of $(notdir $(SWEEP)): /'
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 	  $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
 endif
 
 export: data
 	$(BIN)/optimsweep export $(SWEEP) $(ARGS)
+
+# The registered winner (`make export` registers it) served by MLflow itself:
+# POST /invocations on 127.0.0.1:$(SERVE_PORT). MODEL: the registered model (the study's name).
+MODEL ?= $(basename $(notdir $(SWEEP)))
+SERVE_PORT ?= 5002
+serve: install
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) \
+	  $(BIN)/mlflow models serve -m "models:/$(MODEL)@$(or $(ALIAS),champion)" \
+	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 best: install
 	$(BIN)/optimsweep best $(SWEEP) $(ARGS)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import shutil
@@ -59,9 +60,17 @@ def assert_invariant(spec, n_trials: int | None = None):
                                                                         state.word)
         for name, value in trial.params.items():
             assert run.data.params[name] == str(value)
-        if trial.state.name == "COMPLETE":
+        best = f"best_{spec.metric}"  # runs of earlier versions have none
+        if trial.state.name == "COMPLETE" or best in run.data.metrics:
             history = client.get_metric_history(run.info.run_id, spec.metric)
-            assert history[-1].value == pytest.approx(trial.value)
+            if trial.state.name == "COMPLETE":
+                assert history[-1].value == pytest.approx(trial.value)
+                # what MLflow sorts on, the latest value, is the study's value
+                assert run.data.metrics[spec.metric] == pytest.approx(trial.value)
+            if best in run.data.metrics:  # the best report so far, however often it resumed
+                curve = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+                assert (run.data.metrics[best], run.data.metrics["best_epoch"]) == \
+                    best_report(curve, spec.maximize), f"trial {trial.number}"
     assert parent.info.status != "RUNNING"
     assert all(r.info.status != "RUNNING" for r in mlflow_runs(spec, "confirm")[1])
     assert len(counted) <= budget
@@ -72,6 +81,13 @@ def assert_invariant(spec, n_trials: int | None = None):
         assert parent.info.status == "KILLED"
         assert "run the sweep again" in parent.data.tags["optimsweep.note"]
     return client, children, trials
+
+
+def best_report(curve: dict[int, float], maximize: bool) -> tuple[float, int]:
+    """A curve's ({step: value}) best finite value and the first step it came at."""
+    finite = {step: v for step, v in sorted(curve.items()) if math.isfinite(v)}
+    value = (max if maximize else min)(finite.values())
+    return value, next(step for step, v in finite.items() if v == value)
 
 
 # The modules every `optimsweep` command imports (torch and MLflow: about 7 s per process

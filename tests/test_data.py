@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from core_helpers import load_fashion_mnist, make_regression
 from optimsweep.core import data as data_module
-from optimsweep.core.data import DataUnavailable, prepare_fashion_mnist
+from optimsweep.core.data import DataUnavailable, load_dataset, prepare_fashion_mnist, split_digests
+from optimsweep.core.tasks import regression
 
 
 def test_fashion_mnist_is_tensors_in_unit_range(fashion_small):
@@ -56,3 +58,29 @@ def test_prepare_says_what_to_do_when_no_source_works(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "_torchvision_download", lambda root, log: False)
     with pytest.raises(DataUnavailable, match="apt-get install dataset-fashion-mnist"):
         prepare_fashion_mnist(tmp_path / "data", log=lambda msg: None)
+
+
+def regression_datasets():
+    """The regression task's line as Datasets: a user's factory that can be streamed."""
+    return tuple(TensorDataset(*part) for part in regression())
+
+
+@pytest.mark.parametrize("in_memory_mb", [pytest.param(1024, id="in memory"),
+                                          pytest.param(0, id="streamed")])
+def test_split_digests_follow_the_examples_each_split_holds(in_memory_mb):
+    """The digests a trial's run records of its data: computed once per data object, the
+    same for data loaded the same way, and another split seed changes those of the
+    training and validation splits (not the test split's)."""
+    def load(split_seed):
+        return load_dataset("test_data:regression_datasets", split_seed=split_seed,
+                            val_size=100, in_memory_mb=in_memory_mb)
+
+    data = load(0)
+    assert data.streaming == (in_memory_mb == 0)
+    digests = split_digests(data)
+    assert set(digests) == {"train", "val", "test"} and len(set(digests.values())) == 3
+    assert split_digests(data) is digests and split_digests(data.to("cpu")) is digests
+    assert split_digests(load(0)) == digests
+    other = split_digests(load(1))
+    assert other["test"] == digests["test"]
+    assert other["train"] != digests["train"] and other["val"] != digests["val"]

@@ -8,14 +8,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 
 from optimsweep.cli import main
 from optimsweep.run.study import open_existing
+from serving import invocations, served
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
+SRC = Path(__file__).parent.parent / "src"
 
 
 def example_copy(tmp_path: Path, name: str, budget: dict, data: dict | None = None) -> Path:
@@ -80,5 +84,18 @@ def test_the_seeds_cnn_on_fashion_mnist_as_a_package(tmp_path, capsys):
         own_class(path.parent, "fashion_cnn", "load")(n_train=1, n_test=300)[1],
         batch_size=300)))
     with torch.no_grad():
-        assert (net(x).argmax(1) == y).float().mean().item() == pytest.approx(accuracy,
+        logits = net(x)
+        assert (logits.argmax(1) == y).float().mean().item() == pytest.approx(accuracy,
                                                                                abs=1e-6)
+    # The user's data factory names the datasets each run trained, validated and tested on.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'stores' / 'mlflow.db'}")
+    inputs = client.get_run(metrics["mlflow_run_id"]).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == [
+        "fashion_cnn:load:test", "fashion_cnn:load:train", "fashion_cnn:load:validation"]
+    # Registered by the export, it serves where neither optimsweep nor the example's
+    # folder can be imported: the model is a traced graph, not a pickled class.
+    with served("models:/fashion-cnn@champion", f"sqlite:///{tmp_path / 'stores' / 'mlflow.db'}",
+                tmp_path / "serve", blocked=("optimsweep", "fashion_cnn"),
+                hidden=(str(SRC), str(path.parent), str(EXAMPLES))) as url:
+        answer = invocations(url, x[:100].numpy())
+    assert np.abs(answer - logits[:100].numpy()).max() < 1e-3

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,6 +20,7 @@ from optimsweep.core.train import TrainConfig, fit, load_data
 from optimsweep.export import export_best
 from optimsweep.run.runner import run_sweep
 from optimsweep.run.study import open_existing
+from serving import invocations, served
 from sweeps import fashion_sweep, line_sweep, load
 from test_models import TutorialNeuralNetwork
 
@@ -82,11 +85,40 @@ def test_export_then_train_reproduces_the_trial(tiny_study, tmp_path, capsys):
     assert f"Accuracy: {100 * metrics['final_epoch']['test_accuracy']:.1f}%" in printed
 
 
-def test_exported_state_dict_loads_into_the_tutorial_class(tiny_study, tmp_path):
+def test_the_registered_winner_serves_what_the_tutorial_class_computes(tiny_study, tmp_path):
+    """`export` registers the winner; MLflow's own clients load it by alias, and a real
+    `mlflow models serve` that can't import optimsweep answers as the tutorial's class with
+    the exported state_dict does."""
+    import mlflow
+
     done = export_best(open_existing(tiny_study), tmp_path / "best")
     model = TutorialNeuralNetwork()
     model.load_state_dict(torch.load(done.folder / "state_dict.pt", weights_only=True))
-    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    images = load_data(TrainConfig(train_subset=10, val_size=1000)).test_x[:64]
+    with torch.no_grad():
+        expected = model(images).numpy()
+    registered, tracking_uri = done.registered, load(tiny_study).tracking_uri
+    assert (registered.name, registered.alias) == ("tiny", "champion")
+    assert registered.uri == "models:/tiny@champion"
+
+    with mlflow.tracking._tracking_service.utils._use_tracking_uri(tracking_uri):
+        loaded = mlflow.pyfunc.load_model("models:/tiny@champion")
+        version = MlflowClient(tracking_uri).get_model_version_by_alias("tiny", "champion")
+    assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 1, 28, 28)
+    assert loaded.metadata.get_input_schema().inputs[0].type == np.dtype("float32")
+    assert np.abs(loaded.predict(images.numpy()) - expected).max() < 1e-3
+    assert version.run_id == done.trial.user_attrs["mlflow_run_id"]
+    assert version.tags["optimsweep.trial_number"] == str(done.trial.number)
+    assert float(version.tags["optimsweep.selection_value"]) == done.trial.value
+    assert {"optimsweep.sweep_fingerprint", "test_accuracy", "val_accuracy"} <= set(
+        version.tags)
+
+    src = Path(__file__).parent.parent / "src"
+    with served("models:/tiny@champion", tracking_uri, tmp_path / "serve",
+                blocked=("optimsweep",), hidden=(str(src),)) as url:
+        answer = invocations(url, images.numpy())
+    assert (answer.argmax(1) == expected.argmax(1)).all()
+    assert np.abs(answer - expected).max() < 1e-3
 
 
 def test_export_by_study_name_uses_the_default_stores(tiny_study, tmp_path, monkeypatch):
@@ -136,6 +168,11 @@ def test_confirm_logs_k_by_s_runs_and_changes_the_export(tmp_path):
     assert done.trial.number == 1
     assert "confirmed winner over 5 fresh seeds" in done.reason
     assert "single-seed best was trial 0" in done.reason
+    # The registry compares the confirmed mean, and says so on the version.
+    version = client.get_model_version(done.registered.name, done.registered.version)
+    assert float(version.tags["optimsweep.selection_value"]) == results[0].mean
+    assert version.tags["optimsweep.confirmed"] == \
+        f"{results[0].mean:.4f} ± {results[0].std:.4f}"
 
 
 def test_export_never_replaces_a_folder_of_other_files(tiny_study, tmp_path, capsys):

@@ -91,10 +91,14 @@ def test_a_trial_stopped_after_6_of_10_epochs_trains_only_the_4_left(tmp_path, s
     assert sorted(retry.intermediate_values) == list(range(1, EPOCHS + 1))
     run_id = retry.user_attrs["mlflow_run_id"]
     assert client.get_run(run_id).data.tags["optimsweep.resumed_from"] == "trial 0 epoch 6"
-    for metric in ("val_accuracy", "train_loss", "lr"):  # each epoch once
+    for metric in ("val_accuracy", "train_loss", "lr", "best_val_accuracy"):  # each epoch once
         steps = [m.step for m in client.get_metric_history(run_id, metric)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), metric
     assert client.get_metric_history(run_id, "val_accuracy")[-1].value == retry.value
+    curve, best = ([m.value for m in sorted(client.get_metric_history(run_id, metric),
+                                            key=lambda m: m.step)]
+                   for metric in ("val_accuracy", "best_val_accuracy"))
+    assert best == [max(curve[:epoch]) for epoch in range(1, EPOCHS + 1)]  # across the resume
 
     final = load_state_dict(client.download_artifacts(run_id, "state_dict.pt", str(tmp_path)))
     expected = uninterrupted(spec, retry.params)

@@ -99,7 +99,10 @@ class Workers:
         with monkeypatch.context() as here:
             here.chdir(cwd)
             for name in ("OPTIMSWEEP_STORAGE", "MLFLOW_TRACKING_URI"):
-                here.setenv(name, self.env[name])
+                if name in self.env:  # else the sweep file's own store
+                    here.setenv(name, self.env[name])
+                else:
+                    here.delenv(name, raising=False)
             code, out, err = run_cli(capfd, *args)
         self.outputs += [out, err]
         return code, err
@@ -398,10 +401,15 @@ def test_tracking_server_gone_past_store_timeout_stops_worker_then_next_sweep_re
     workers.assert_no_password(servers)
 
 
-def test_a_password_given_as_a_query_parameter_is_never_stored_or_printed(servers, tmp_path):
-    """libpq's `?password=` form, written in the sweep file itself: the study works, and the
-    password is in no output, no database row and no artifact (the sweep file's copies
-    included)."""
+def test_a_password_given_as_a_query_parameter_is_never_stored_or_printed(
+        servers, tmp_path, capfd, monkeypatch):
+    """libpq's `?password=` form, written in the sweep file itself: the study works, its
+    winner is registered through the tracking server and loads from it by alias, and the
+    password is in no output, no database row and no artifact (the sweep file's copies and
+    the model's files included)."""
+    import mlflow
+    import numpy as np
+
     workers = Workers(servers, tmp_path)
     del workers.env["OPTIMSWEEP_STORAGE"]  # the file's own storage: URL below
     storage = f"{servers.storage.split('?')[0]}?password={workers.password}"
@@ -413,6 +421,13 @@ def test_a_password_given_as_a_query_parameter_is_never_stored_or_printed(server
     assert len(trials) == 2
     (parent,) = mlflow_runs(spec, "study")[1]
     assert parent.data.tags["optimsweep.storage"].endswith("?password=***")
+    code, err = workers.run_here(capfd, monkeypatch, "w", "export", sweep.name)
+    assert code == 0, err
+    assert "registered as query version 1, now champion" in workers.outputs[-2]
+    with mlflow.tracking._tracking_service.utils._use_tracking_uri(
+            workers.env["MLFLOW_TRACKING_URI"]):
+        model = mlflow.pyfunc.load_model("models:/query@champion")
+    assert model.predict(np.ones((3, 1), dtype=np.float32)).shape == (3, 1)
     workers.assert_no_password(servers)
 
 

@@ -3,22 +3,27 @@ workers share a study, pruned and diverged trials show their real state."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import optuna
 import pytest
 import torch
 
+from core_helpers import make_regression
+from optimsweep.core.data import split_digests
 from optimsweep.core.models import LinearRegressionModel
 from optimsweep.records.storage import open_storage, resolve_storage
 from optimsweep.run.runner import run_sweep
 from optimsweep.sweep.spec import SpecError
-from records import assert_invariant, load_study, mlflow_runs
+from records import assert_invariant, best_report, load_study, mlflow_runs
 from sweeps import fashion_sweep, line_sweep, load
 
 
 def test_sweep_records_parent_and_child_runs_with_curves_and_weights(tmp_path):
-    spec = load(line_sweep(tmp_path))
+    # the baseline's curve is best at epoch 1, then gets worse
+    spec = load(line_sweep(tmp_path, baseline=[{"optimizer": "adam", "lr": 0.1,
+                                                "batch_size": 16}]))
     run_sweep(spec, progress=False)
     client, children, trials = assert_invariant(spec)
     (parent,) = mlflow_runs(spec, "study")[1]
@@ -38,6 +43,62 @@ def test_sweep_records_parent_and_child_runs_with_curves_and_weights(tmp_path):
     LinearRegressionModel().load_state_dict(weights)
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert "task: regression" in open(config).read()
+    _assert_best_reports(client, children, trials)
+    _assert_leaderboard(client, parent, trials, tmp_path)
+    _assert_datasets(children)
+
+
+def _assert_best_reports(client, children, trials):
+    """Each trial's run: best_val_loss and best_epoch, logged at every report as the best so
+    far (MLflow sorts on the latest value); the study ranks on val_loss's last report."""
+    values = {str(t.number): t.value for t in trials}
+    for run in children:
+        curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
+        assert run.data.metrics["val_loss"] == values[run.data.tags["optimsweep.trial_number"]]
+        assert (run.data.metrics["best_val_loss"], run.data.metrics["best_epoch"]) == \
+            best_report(curve, maximize=False)
+        best = {m.step: m.value for m in client.get_metric_history(run.info.run_id,
+                                                                   "best_val_loss")}
+        assert best == {step: min(v for s, v in curve.items() if s <= step) for step in curve}
+    baseline = next(r for r in children if r.data.tags["optimsweep.trial_number"] == "0")
+    assert baseline.data.metrics["best_epoch"] == 1 and \
+        baseline.data.metrics["best_val_loss"] < baseline.data.metrics["val_loss"]
+
+
+def _assert_leaderboard(client, parent, trials, tmp_path):
+    """The parent run's leaderboard.json (MlflowClient.log_table): every trial, best first."""
+    path = client.download_artifacts(parent.info.run_id, "leaderboard.json", str(tmp_path))
+    table = json.loads(open(path).read())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    ranked = sorted(trials, key=lambda t: t.value)
+    assert [r["trial"] for r in rows] == [t.number for t in ranked]
+    assert [r["run_id"] for r in rows] == [t.user_attrs["mlflow_run_id"] for t in ranked]
+    assert [r["state"] for r in rows] == ["complete"] * 4
+    assert [r["val_loss"] for r in rows] == pytest.approx([t.value for t in ranked])
+    assert [r["test_loss"] for r in rows] == pytest.approx(
+        [t.user_attrs["test_loss"] for t in ranked])
+    assert all(r["lr"] == pytest.approx(t.params["lr"]) for r, t in zip(rows, ranked, strict=True))
+
+
+def _assert_datasets(children):
+    """Each trial's run has its data as MLflow dataset inputs: the three splits, each with
+    its context, the digest of its examples (the same in every trial) and the split seed."""
+    digests = split_digests(make_regression())
+    for run in children:
+        inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+        assert sorted(inputs) == ["regression:test", "regression:train",
+                                  "regression:validation"]
+        for split, name, context, examples in (("train", "train", "training", 800),
+                                               ("val", "validation", "validation", 100),
+                                               ("test", "test", "test", 100)):
+            dataset = inputs[f"regression:{name}"]
+            assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context",
+                                                                 context)]
+            assert dataset.dataset.digest == digests[split][:36]
+            profile = json.loads(dataset.dataset.profile)
+            assert (profile["split_seed"], profile["examples"], profile["sha256"]) == (
+                0, examples, digests[split])
+            assert profile["factory"] == "optimsweep.core.tasks:regression"
 
 
 def test_conditional_params_are_logged_only_when_they_apply(tmp_path):
@@ -57,9 +118,11 @@ def test_running_again_resumes_without_duplicates(tmp_path):
     run_sweep(load(path), progress=False)  # budget already spent: nothing new
     assert len(load_study(spec).trials) == 3
     run_sweep(load(path), n_trials=5, progress=False)  # a bigger budget adds the difference
-    _, children, trials = assert_invariant(spec, n_trials=5)
+    client, children, trials = assert_invariant(spec, n_trials=5)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4] and len(children) == 5
-    assert len(mlflow_runs(spec, "study")[1]) == 1
+    (parent,) = mlflow_runs(spec, "study")[1]
+    board = client.download_artifacts(parent.info.run_id, "leaderboard.json", str(tmp_path))
+    assert sorted(row[0] for row in json.loads(open(board).read())["data"]) == [0, 1, 2, 3, 4]
     assert len(optuna.get_all_study_names(open_storage(spec.storage))) == 1
 
 

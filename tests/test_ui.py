@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from optimsweep.cli import main
 from optimsweep.run.runner import run_sweep
 from sweeps import line_sweep, load
 
@@ -51,16 +53,19 @@ def ui(tmp_path):
                 if time.time() > deadline or server.poll() is not None:
                     raise RuntimeError((tmp_path / "ui.log").read_text()) from None
                 time.sleep(0.5)
-        yield url, study
+        yield url, study, spec
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-def test_browser_sees_the_trial_runs_and_a_metric(ui, tmp_path):
+def test_browser_sees_the_trial_runs_and_a_metric(ui, tmp_path, capsys):
     from playwright.sync_api import sync_playwright
 
-    url, study = ui
+    url, study, spec = ui
+    assert main(["url", str(spec.path), "--port", url.rsplit(":", 1)[1]]) == 0
+    trials_view = capsys.readouterr().out.strip()
+    assert trials_view.startswith(f"{url}/#/experiments/")
     experiment = study.user_attrs["mlflow_experiment_id"]
     trial = study.trials[0]
     with sync_playwright() as pw:
@@ -81,6 +86,20 @@ def test_browser_sees_the_trial_runs_and_a_metric(ui, tmp_path):
         page.wait_for_url(f"**/runs/{trial.user_attrs['mlflow_run_id']}**")
         page.get_by_text("val_loss").first.wait_for(timeout=60_000)
         page.screenshot(path=tmp_path / "trial.png", full_page=True)
+
+        # The address `sweep`, `export` and `make ui` print: the trials flat (no parent to
+        # expand), best first by the study's metric, as charts.
+        page.goto(trials_view)
+        for t in study.trials:
+            page.get_by_text(f"trial {t.number:03d}").first.wait_for(timeout=60_000)
+        page.get_by_text(f"{len(study.trials)} matching runs").wait_for(timeout=30_000)
+        page.get_by_text("Model metrics").first.wait_for(timeout=30_000)  # the chart view
+        page.get_by_text("Sort: val_loss").wait_for(timeout=30_000)
+        listed = page.get_by_text(re.compile(r"^trial \d{3}$")).all_inner_texts()
+        page.screenshot(path=tmp_path / "charts.png", full_page=True)
         browser.close()
+    best_first = sorted(study.trials, key=lambda t: t.value)  # val_loss: the lowest first
+    assert listed[:len(best_first)] == [f"trial {t.number:03d}" for t in best_first]
+    assert (tmp_path / "charts.png").stat().st_size > 10_000
     assert (tmp_path / "experiment.png").stat().st_size > 10_000
     assert (tmp_path / "trial.png").stat().st_size > 10_000

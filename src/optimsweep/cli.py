@@ -136,7 +136,30 @@ def cmd_sweep(args) -> int:
     print(f"top trials by {spec.metric} (validation; the test set's value is reported, never "
           "used to choose):")
     _print_table(trials_table(study, spec.metric, top=args.top))
-    print(f"\nnext: make ui  (compare runs in MLflow)  |  make export SWEEP={spec.path}")
+    print(f"\ncompare the trials in MLflow (`make ui` serves a local store):\n  "
+          f"{_trials_view(spec, study)}")
+    print(f"next: make export SWEEP={spec.path}")
+    return 0
+
+
+def _trials_view(spec, study, port: int | None = None) -> str:
+    """The MLflow UI address of the study's trials, flat, best first, in chart view."""
+    from optimsweep.records.mlflow_ui import UI_PORT, trials_view, ui_base
+    from optimsweep.records.schema import Attr
+    from optimsweep.records.tracking import resolve_tracking_uri
+
+    experiment_id = study.user_attrs.get(Attr.EXPERIMENT_ID)
+    base = ui_base(resolve_tracking_uri(spec.tracking_uri), port or UI_PORT)
+    if experiment_id is None:
+        return f"{base}/#/experiments?workflowType=machine_learning"
+    return trials_view(base, experiment_id, spec.metric, spec.maximize)
+
+
+def cmd_url(args) -> int:
+    from optimsweep.run.study import open_existing
+
+    opened = open_existing(args.target)
+    print(_trials_view(opened.spec, opened.study, args.port))
     return 0
 
 
@@ -183,12 +206,19 @@ def cmd_export(args) -> int:
     from optimsweep.export import export_best
     from optimsweep.run.study import open_existing
 
-    done = export_best(open_existing(args.target), args.out)
+    opened = open_existing(args.target)
+    done = export_best(opened, args.out, register=not args.no_register)
     print(f"exported trial {done.trial.number} ({done.reason}) to {done.folder}/:")
     print("  config.yaml    every training parameter, ready to run")
     print("  state_dict.pt  its final weights (torch.load(..., weights_only=True))")
     print("  metrics.json   its metrics and provenance")
     print(f"reproduce: optimsweep train --config {done.folder / 'config.yaml'}")
+    if reg := done.registered:
+        made = "registered as" if reg.new else "already registered as"
+        print(f"{made} {reg.name} version {reg.version}, now {reg.alias} ({reg.why})")
+        print(f"serve:     make serve MODEL={reg.name}  (mlflow models serve -m {reg.uri} "
+              "--env-manager local, MLFLOW_TRACKING_URI at the study's store)")
+    print(f"compare:   {_trials_view(opened.spec, opened.study)}")
     for doubt in done.doubts:
         print(f"warning: {doubt}", file=sys.stderr)
     return 0
@@ -266,7 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the best (or confirmed) trial as a runnable config")
     p.add_argument("target", help="sweep file or study name")
     p.add_argument("--out", type=Path, help="folder (default: exports/STUDY)")
+    p.add_argument("--no-register", action="store_true",
+                   help="only the folder: add no version to MLflow's Model Registry")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("url", help="the MLflow UI address that compares a study's trials")
+    p.add_argument("target", help="sweep file or study name")
+    p.add_argument("--port", type=int, help="where `mlflow ui` serves a local store "
+                   "(default 5000)")
+    p.set_defaults(func=cmd_url)
 
     p = sub.add_parser("services", help="start or stop a local PostgreSQL and MLflow server")
     p.add_argument("action", choices=("start", "stop"))

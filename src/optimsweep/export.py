@@ -1,5 +1,6 @@
 """The winner exported as a ready-to-run config, its state_dict and its metrics with
-provenance: written into a temporary folder and renamed into place only when whole."""
+provenance (written into a temporary folder and renamed into place only when whole), then
+registered in MLflow's Model Registry as a model that serves without this package."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from optuna.trial import TrialState
 
 from optimsweep.core.artifacts import load_state_dict
 from optimsweep.core.data import Dataset
-from optimsweep.core.train import load_data
-from optimsweep.errors import Expected, SpecError, StoreError, describe
-from optimsweep.records.schema import CONFIG_FILE, STATE_DICT, Attr, Ranking, Tag
+from optimsweep.core.models import build_model
+from optimsweep.core.train import TrainConfig, load_data
+from optimsweep.errors import Expected, Failed, SpecError, StoreError, chain, describe
+from optimsweep.records.registry import Candidate, ModelRegistry, Registered
+from optimsweep.records.schema import CONFIG_FILE, STATE_DICT, Attr, ModelTag, Ranking, Tag
 from optimsweep.records.tracking import config_yaml
 from optimsweep.report import ranked_complete_trials
 from optimsweep.run.context import OpenStudy
@@ -27,6 +30,13 @@ from optimsweep.util.provenance import provenance
 
 METRICS_FILE = "metrics.json"
 EXPORT_FILES = (CONFIG_FILE, STATE_DICT, METRICS_FILE)
+EXAMPLE_ROWS = 5  # training inputs saved as the model's input example (more than 1, so the
+# exported graph keeps its batch dimension free)
+
+
+class RegistryError(Failed):
+    """The winner was exported to its folder but could not be registered as an MLflow
+    model; the message says why."""
 
 
 @dataclass
@@ -35,9 +45,12 @@ class Export:
     folder: Path
     reason: str
     doubts: list[str] = field(default_factory=list)  # why the winner may be no good
+    confirmed: tuple[float, float] | None = None  # its mean and std over confirm's seeds
+    registered: Registered | None = None
 
 
-def chosen_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, str]:
+def chosen_trial(study: optuna.Study
+                 ) -> tuple[optuna.trial.FrozenTrial, str, tuple[float, float] | None]:
     """The confirmed winner when `confirm` covered the current best trial, else the best
     single-seed trial (a confirmation made before a better trial completed is stale)."""
     ranked = ranked_complete_trials(study)
@@ -51,18 +64,20 @@ def chosen_trial(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, str]:
         note = ("" if trial.number == best.number else
                 f"; the single-seed best was trial {best.number}")
         return trial, (f"confirmed winner over {len(confirmed.seeds)} fresh seeds "
-                       f"(mean {mean:.4f} ± {std:.4f}){note}")
+                       f"(mean {mean:.4f} ± {std:.4f}){note}"), (mean, std)
     reason = "best single-seed trial (`optimsweep confirm` checks it across seeds)"
     if confirmed:
         reason += (f"; the earlier confirmation is stale: trial {best.number} completed after "
                    "it, better than every trial it covered, so run `optimsweep confirm` again")
-    return best, reason
+    return best, reason, None
 
 
-def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
+def export_best(opened: OpenStudy, out: Path | None = None, register: bool = True) -> Export:
+    """Write the winner's folder, then (unless `register` is False or the sweep file says
+    `registry: false`) register it in MLflow's Model Registry."""
     spec, study, tracker = opened.spec, opened.study, opened.tracker
     repair(opened, close_parent=True)
-    trial, reason = chosen_trial(study)
+    trial, reason, confirmed = chosen_trial(study)
     folder = Path(out or Path("exports") / spec.name)  # spec.name is a safe folder name
     others = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES) \
         if folder.is_dir() else []
@@ -100,7 +115,77 @@ def export_best(opened: OpenStudy, out: Path | None = None) -> Export:
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return Export(trial, folder, reason, doubts(opened, trial, config))
+    done = Export(trial, folder, reason, doubts(opened, trial, config), confirmed)
+    if register and spec.registry:
+        done.registered = register_winner(opened, done, config, run)
+    return done
+
+
+def register_winner(opened: OpenStudy, done: Export, config: TrainConfig, run) -> Registered:
+    """The exported winner as a version of the registered model (a new one only the first
+    time this trial is exported), placed as champion or challenger."""
+    spec, registry = opened.spec, ModelRegistry(opened.tracker)
+    run_id, name = run.info.run_id, spec.registry
+    value = done.confirmed[0] if done.confirmed else done.trial.value
+    candidate = Candidate(spec.metric, spec.maximize, float(value))
+    tags = {ModelTag.STUDY: spec.name, ModelTag.TRIAL: str(done.trial.number),
+            ModelTag.RUN_ID: run_id, ModelTag.FINGERPRINT: spec.fingerprint(),
+            **candidate.tags(),
+            **{k: f"{v:.6g}" for k, v in run.data.metrics.items()
+               if k == spec.metric or k.startswith("test_")}}
+    if commit := run.data.tags.get("git_commit"):
+        tags[ModelTag.GIT_COMMIT] = commit
+    if done.confirmed:
+        mean, std = done.confirmed
+        tags[ModelTag.CONFIRMED] = f"{mean:.4f} ± {std:.4f}"
+    version = registry.version_of(name, run_id)
+    new = version is None
+    if new:
+        model = _model_with_weights(config, done.folder / STATE_DICT)
+        try:
+            uri = registry.log_model(run_id, run.info.experiment_id, model,
+                                     _input_example(config))
+        except StoreError as exc:
+            if not _not_exportable(exc):
+                raise
+            raise RegistryError(
+                f"exported to {done.folder}/, but not registered: torch.export could not "
+                f"trace {config.model} ({describe(exc.__cause__ or exc)}); make its forward "
+                "traceable, or skip registering with `export --no-register` or "
+                "`registry: false` in the sweep file") from exc
+        version = registry.register(
+            name, uri, run_id, tags,
+            description=f"Winners of optimsweep study {spec.name!r}, one version per export.",
+            experiment_id=run.info.experiment_id)
+    else:  # the same trial again: its tags follow a newer confirmation
+        registry.set_tags(name, version.version, tags)
+    alias, why = registry.place(name, str(version.version), candidate)
+    return Registered(name, str(version.version), alias, why, new)
+
+
+def _model_with_weights(config: TrainConfig, weights: Path) -> torch.nn.Module:
+    model = build_model(config.model, config.model_kwargs, config.code_dir)
+    model.load_state_dict(load_state_dict(weights))
+    return model
+
+
+def _input_example(config: TrainConfig):
+    """The first training inputs, as the model saw them (dtype and shape): the model's
+    input example and the shape its signature promises."""
+    data = load_data(config)
+    if isinstance(data, Dataset):
+        rows = data.train_x[:EXAMPLE_ROWS]
+    else:
+        rows = torch.stack([torch.as_tensor(data.train[i][0])
+                            for i in range(min(EXAMPLE_ROWS, len(data.train)))])
+    return rows.detach().cpu().numpy()
+
+
+def _not_exportable(exc: StoreError) -> bool:
+    """torch.export refused the model: not the store's fault."""
+    return any(type(e).__module__.startswith(("torch._dynamo", "torch.export", "torch._export",
+                                              "torch.fx"))
+               for e in chain(exc))
 
 
 CHANCE_MARGIN = 0.02  # accuracy within 2 points of a constant guess is no better than chance

@@ -59,7 +59,8 @@ def summary_line(study: optuna.Study, budget: int) -> str:
 
 
 def log_summary(study: optuna.Study, metric: str, tracker: Tracker, run_id: str) -> None:
-    """Counts by outcome and the best trial on the study's parent run."""
+    """Counts by outcome, the best trial and the leaderboard (trials_table, every finished
+    trial, best first) on the study's parent run."""
     counts = state_counts(study)
     metrics = {f"n_{k}": v for k, v in counts.items()}
     tags = {}
@@ -71,6 +72,7 @@ def log_summary(study: optuna.Study, metric: str, tracker: Tracker, run_id: str)
         tags = {Tag.BEST_TRIAL: str(best.number),
                 Tag.BEST_RUN_ID: best.user_attrs.get(Attr.RUN_ID, "")}
     tracker.log_summary(run_id, metrics, tags)
+    tracker.log_leaderboard(run_id, trials_table(study, metric, top=None))
 
 
 def trials_table(study: optuna.Study, metric: str, top: int | None = 10) -> pd.DataFrame:

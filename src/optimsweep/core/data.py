@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,6 +62,9 @@ class Dataset:
     test_y: torch.Tensor
     num_classes: int = 0
     split_seed: int = 0
+    # what load_dataset made it from: {"task", "factory", "kwargs"} (empty when built by hand)
+    origin: dict = field(default_factory=dict, compare=False)
+    _digests: dict | None = field(default=None, init=False, repr=False, compare=False)
     streaming = False
 
     @property
@@ -74,7 +79,10 @@ class Dataset:
         if torch.device(device) == self.device:
             return self
         moved = {k: getattr(self, k).to(device) for k in self._tensor_fields()}
-        return Dataset(**moved, num_classes=self.num_classes, split_seed=self.split_seed)
+        data = Dataset(**moved, num_classes=self.num_classes, split_seed=self.split_seed,
+                       origin=self.origin)
+        data._digests = self._digests  # the same bytes
+        return data
 
     def train_batches(self, orders: torch.Tensor, batch_size: int) -> Iterator[tuple]:
         """(K, n) batch orders -> (x, y) batches of shape (K, batch, ...): member k's
@@ -178,6 +186,8 @@ class StreamingData:
     device: torch.device
     split_seed: int = 0
     num_classes: int = 0
+    origin: dict = field(default_factory=dict, compare=False)  # as Dataset's
+    _digests: dict | None = field(default=None, init=False, repr=False, compare=False)
     streaming = True
 
     @property
@@ -185,7 +195,9 @@ class StreamingData:
         return len(self.train), len(self.val), len(self.test)
 
     def to(self, device: torch.device | str) -> StreamingData:
-        return dataclasses.replace(self, device=torch.device(device))
+        data = dataclasses.replace(self, device=torch.device(device))
+        data._digests = self._digests
+        return data
 
     def _loader(self, dataset: TorchDataset, batch_size: int, order=None) -> Iterator[tuple]:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=order,
@@ -203,6 +215,43 @@ class StreamingData:
 
     def eval_batches(self, split: str, batch_size: int = EVAL_BATCH) -> Iterator[tuple]:
         return self._loader(getattr(self, split), batch_size)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_digests(data: Dataset | StreamingData) -> dict[str, str]:
+    """A sha256 of each split ("train", "val", "test"), computed once per data object (a
+    process loads its data once, so once per process). In memory: of the split's tensors'
+    dtypes, shapes and bytes (0.2 s for FashionMNIST's 200 MB on one CPU core). Streamed:
+    reading the data again would cost an epoch, so it is a hash of what selects the examples
+    instead: the factory, its kwargs, the split seed and the split's indices; it changes when
+    any of them does, not when the factory's files change under the same arguments."""
+    if data._digests is None:
+        data._digests = {split: _stream_digest(data, split) if data.streaming
+                         else _tensor_digest(getattr(data, f"{split}_x"),
+                                             getattr(data, f"{split}_y"))
+                         for split in SPLITS}
+    return data._digests
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        digest.update(f"{t.dtype} {tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _stream_digest(data: StreamingData, split: str) -> str:
+    part = getattr(data, split)
+    indices = part.indices if isinstance(part, Subset) else range(len(part))
+    seed = {} if split == "test" else {"split_seed": data.split_seed}  # the test part is whole
+    digest = hashlib.sha256(json.dumps({**data.origin, **seed, "split": split},
+                                       sort_keys=True, default=str).encode())
+    digest.update(torch.as_tensor(list(indices), dtype=torch.int64).numpy())
+    return digest.hexdigest()
 
 
 def _split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +366,7 @@ def load_dataset(
         raise DataError(f"data.val_size: {val_size} must be in [1, {n - 1}]: {ref} "
                         f"returned {n} training examples and one must be left to train on")
     train_idx, val_idx = _split(n, val_size, split_seed)
+    origin = {"task": task, "factory": ref, "kwargs": dict(kwargs or {})}
     if train_subset is not None:
         train_idx = train_idx[:train_subset]
     device = torch.device(device)
@@ -325,7 +375,8 @@ def load_dataset(
             size = _bytes(train[0]) * (len(train) + len(test))
             if size > in_memory_mb * 2**20:
                 return StreamingData(Subset(train, train_idx.tolist()),
-                                     Subset(train, val_idx.tolist()), test, device, split_seed)
+                                     Subset(train, val_idx.tolist()), test, device, split_seed,
+                                     origin=origin)
             train, test = _tensors(train), _tensors(test)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise DataError(f"{where}: its Datasets' (x, y) items should be tensors or "
@@ -336,5 +387,5 @@ def load_dataset(
     return Dataset(train_x=x[train_idx].to(device), train_y=y[train_idx].to(device),
                    val_x=x[val_idx].to(device), val_y=y[val_idx].to(device),
                    test_x=test_x.to(device), test_y=test_y.to(device),
-                   num_classes=_classes(y), split_seed=split_seed)
+                   num_classes=_classes(y), split_seed=split_seed, origin=origin)
 

@@ -84,6 +84,20 @@ class Tag:
     PARENT = "mlflow.parentRunId"
 
 
+class ModelTag:
+    """Tags of a registered model version: where it came from and what it was chosen on."""
+
+    STUDY = "optimsweep.study"
+    TRIAL = "optimsweep.trial_number"
+    RUN_ID = "optimsweep.run_id"
+    FINGERPRINT = "optimsweep.sweep_fingerprint"
+    GIT_COMMIT = "optimsweep.git_commit"
+    METRIC = "optimsweep.metric"  # what the aliases compare: the study's selection metric,
+    DIRECTION = "optimsweep.direction"
+    SELECTION_VALUE = "optimsweep.selection_value"  # its confirmed mean, else its value
+    CONFIRMED = "optimsweep.confirmed"  # "0.8712 ± 0.0031 over seeds [1, 2, 3]"
+
+
 class Attr:
     """Optuna user attribute names: of a trial, then of the study."""
 
@@ -118,6 +132,18 @@ TRACEBACK_FILE = "traceback.txt"
 CHECKPOINT_DIR = "checkpoints"  # the latest training state (and one being written) while
 # the run can still be resumed; removed once its trial is finished
 INTERRUPTED = "interrupted: Ctrl-C or SIGTERM"  # the reason of a trial stopped by a signal
+# Artifact of the study's parent run: every finished trial, best first (MlflowClient.log_table).
+LEADERBOARD_FILE = "leaderboard.json"
+
+# Metrics of a trial's run besides its curves: the best report of the study's metric so far
+# (best_<metric>, e.g. best_val_loss) and the step it came at (best_epoch; in reports when
+# reports_per_epoch > 1). Logged at every report, so the latest value is the best so far.
+BEST_STEP = "best_epoch"
+
+
+def best_metric(metric: str) -> str:
+    """best_val_accuracy for val_accuracy: the best value of `metric` over a run's reports."""
+    return f"best_{metric}"
 
 # States whose trials use up budget (unless interrupted); WAITING ones only when paused.
 _COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,

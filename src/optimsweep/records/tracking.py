@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import socket
@@ -20,10 +21,13 @@ from pathlib import Path
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset as MlflowDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from optimsweep.core.artifacts import save_state_dict
+from optimsweep.core.data import split_digests
 from optimsweep.core.train import EpochStats, FitResult, TrainConfig
 from optimsweep.core.usercode import code_version
 from optimsweep.errors import StoreError, chain, describe
@@ -31,6 +35,7 @@ from optimsweep.records.schema import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     CONFIRM_ROLE,
+    LEADERBOARD_FILE,
     STATE_DICT,
     STUDY_ROLE,
     TRACEBACK_FILE,
@@ -87,6 +92,11 @@ def _environment(values: dict[str, int]) -> Iterator[None]:
 
 
 _BATCH_METRICS = 1000  # MLflow's limit on the metrics of one log_batch
+# The data's splits (core.data.SPLITS) as MLflow datasets: the name's suffix, and the
+# context (tag mlflow.data.context) MLflow's UI filters on.
+_DATASET_SPLITS = {"train": ("train", "training"), "val": ("validation", "validation"),
+                   "test": ("test", "test")}
+_DIGEST_CHARS = 36  # MLflow's dataset digest column holds at most 36 characters
 
 
 def _epoch_metrics(stats: EpochStats, timestamp: int) -> list[Metric]:
@@ -335,8 +345,46 @@ class Tracker:
             self.client.log_batch(run_id, params=missing)
 
     @_store_call
-    def log_epoch(self, run_id: str, stats: EpochStats) -> None:
-        self.client.log_batch(run_id, metrics=_epoch_metrics(stats, int(time.time() * 1000)))
+    def log_epoch(self, run_id: str, stats: EpochStats,
+                  summary: dict[str, float] | None = None) -> None:
+        """One report's curve points, and `summary` metrics (best_<metric>, best_epoch) at
+        the same step, in one request."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=_epoch_metrics(stats, now) + [
+            Metric(k, float(v), now, stats.epoch) for k, v in (summary or {}).items()])
+
+    @_store_call
+    def log_steps(self, run_id: str, by_step: dict[int, dict[str, float]]) -> None:
+        """Metrics at several steps (the summary of a curve a resumed run continues)."""
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for step, values in by_step.items()
+                   for k, v in values.items()]
+        for start in range(0, len(metrics), _BATCH_METRICS):
+            self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH_METRICS])
+
+    def log_datasets(self, run_id: str, data) -> None:
+        """The data a run trains on, as MLflow dataset inputs (the UI's Datasets column and
+        filters): one per split, named "<task>:<split>", with its digest (core.data:
+        split_digests, hashed here, outside the store's call) and what made it."""
+        digests = split_digests(data)
+        origin = data.origin or {"task": "data", "factory": None, "kwargs": {}}
+        inputs = []
+        for (split, (suffix, context)), examples in zip(_DATASET_SPLITS.items(), data.sizes,
+                                                        strict=True):
+            about = {"factory": origin["factory"], "kwargs": origin["kwargs"],
+                     "split_seed": data.split_seed}
+            dataset = MlflowDataset(
+                name=f"{origin['task']}:{suffix}", digest=digests[split][:_DIGEST_CHARS],
+                source_type="code",  # CodeDatasetSource's form: {"tags": {...}}
+                source=json.dumps({"tags": {**about, "split": suffix}}, default=str),
+                profile=json.dumps({"examples": examples, **about, "sha256": digests[split]},
+                                   default=str))
+            inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        self._log_inputs(run_id, inputs)
+
+    @_store_call
+    def _log_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
+        self.client.log_inputs(run_id, datasets=inputs)
 
     @_store_call
     def log_epochs(self, run_id: str, history: list[EpochStats]) -> None:
@@ -460,6 +508,21 @@ class Tracker:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                               tags=[RunTag(k, v) for k, v in tags.items()])
+
+    @_store_call
+    def log_leaderboard(self, run_id: str, table) -> None:
+        """The study's trials as a table (a pandas DataFrame) on its parent run, shown in
+        MLflow's artifact view. log_table appends to a table already there, so a study
+        summarized again replaces it instead."""
+        import pandas as pd
+
+        if any(f.path == LEADERBOARD_FILE for f in self.client.list_artifacts(run_id)):
+            self._artifacts(run_id).delete_artifacts(LEADERBOARD_FILE)
+        # pandas 3's text columns as plain objects: MLflow looks for images among object
+        # columns, and pandas warns at each study's end that it counts text ones among them
+        text = {c: object for c, dtype in table.dtypes.items()
+                if isinstance(dtype, pd.StringDtype)}
+        self.client.log_table(run_id, data=table.astype(text), artifact_file=LEADERBOARD_FILE)
 
     @_store_call
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:

@@ -120,13 +120,20 @@ def claim_trial(opened: OpenStudy) -> Claim:
         if waiting is None:
             counted = counted_trials(study)
             if len(counted) >= opened.ref.n_trials:
-                wait = _others_running(opened, counted)
-                if wait or opened.ref.n_trials < spec.budget.n_trials:
-                    return Claim(wait=wait)
-                # The study is over: nothing can promote the paused trials any more.
+                if _others_running(opened, counted):
+                    return Claim(wait=True)
+                # Cut short (--n-trials below the file's): the paused trials wait for the
+                # next sweep, unless none is complete; then the leader goes on, so that
+                # every sweep ends with a winner to export. At the study's end nothing can
+                # promote them any more: the leader goes on, the others are closed.
+                cut_short = opened.ref.n_trials < spec.budget.n_trials
+                if cut_short and (not spec.asha or any(
+                        t.state == TrialState.COMPLETE for t in trials)):
+                    return Claim()
                 waiting = spec.asha.leader(trials, spec.maximize) if spec.asha else None
                 if waiting is None:
-                    close_paused(opened)
+                    if not cut_short:
+                        close_paused(opened)
                     return Claim()
                 storage.call(storage.optuna.set_trial_user_attr, trial_id(waiting),
                              Attr.LEADER, True, retry=False)

@@ -22,10 +22,19 @@ import optuna
 
 from optimsweep.core import train
 from optimsweep.core.checkpoint import Checkpointer
-from optimsweep.core.train import TrainConfig
+from optimsweep.core.train import EpochStats, TrainConfig
 from optimsweep.errors import DivergedError, StoreError, describe
 from optimsweep.records.optuna_adapter import trial_id
-from optimsweep.records.schema import CONFIRM_ROLE, INTERRUPTED, Attr, State, Tag, is_paused
+from optimsweep.records.schema import (
+    BEST_STEP,
+    CONFIRM_ROLE,
+    INTERRUPTED,
+    Attr,
+    State,
+    Tag,
+    best_metric,
+    is_paused,
+)
 from optimsweep.records.tracking import Tracker
 from optimsweep.run import resume
 from optimsweep.run.context import OpenStudy
@@ -189,7 +198,7 @@ def _run_group(opened: OpenStudy, group: list[_Member], data, on_report) -> None
             # gives it a run and fails it, so no finished trial is ever without one.
             member.outcome = lives.enter_context(owned_run(
                 opened.tracker,
-                functools.partial(_start_run, opened, member, len(group), data.device),
+                functools.partial(_start_run, opened, member, len(group), data),
                 functools.partial(_tell, opened, member.trial)))
         fitting = []
         for member in group:
@@ -258,6 +267,8 @@ def _resume(opened: OpenStudy, member: _Member) -> None:
         return
     history = resume.continue_run(tracker, member.run_id, found, f"trial {trial.number}",
                                   member.config.epochs)
+    best = _Best(opened.spec.metric, opened.spec.maximize)
+    tracker.log_steps(member.run_id, {stats.epoch: best.add(stats) for stats in history})
     _trial_write(opened, trial, trial.set_user_attr, Attr.RESUMED_FROM,
                  {"trial": found.trial, "epoch": found.state.epoch})
     for stats in history:
@@ -289,10 +300,13 @@ def _record_rung(opened: OpenStudy, member: _Member) -> None:
         spec.rungs.index(member.paused_at), member.paused_at / spec.budget.reports_per_epoch))
 
 
-def _start_run(opened: OpenStudy, member: _Member, group_size: int, device) -> str:
+def _start_run(opened: OpenStudy, member: _Member, group_size: int, data) -> str:
+    """The trial's run: a new one with the data it trains on as its inputs, or a promoted
+    trial's own run (which has them), RUNNING again."""
     if member.promoted is not None:
         opened.tracker.resume_run(member.promoted)
         return member.promoted
+    device = data.device
     trial, retry_of = member.trial, member.trial.user_attrs.get(Attr.RETRY_OF)
     ref = opened.ref
     tags = {Tag.DEVICE: str(device), Tag.FUSED: str(group_size), **ref.run_tags()}
@@ -303,7 +317,31 @@ def _start_run(opened: OpenStudy, member: _Member, group_size: int, device) -> s
     run_id = opened.tracker.start_run(ref.experiment_id, ref.parent_run_id, ref.spec.name,
                                       trial.number, tags=tags)
     opened.storage.call(trial.set_user_attr, Attr.RUN_ID, run_id)
+    opened.tracker.log_datasets(run_id, data)
     return run_id
+
+
+@dataclass
+class _Best:
+    """A run's best report so far, in the study's direction: its best_<metric> and
+    best_epoch metrics. Optuna is told the last report's value (result.final), so for a
+    complete trial the latest value of <metric> itself is the study's value; best_<metric>
+    says how good the trial got on the way. Ties keep the earlier step; non-finite values
+    never count."""
+
+    metric: str
+    maximize: bool
+    value: float | None = None
+    step: int | None = None
+
+    def add(self, stats: EpochStats) -> dict[str, float]:
+        """Take in one report; the metrics to log at its step (none before a finite one)."""
+        value = stats.value(self.metric)
+        if math.isfinite(value) and (self.value is None or (
+                value > self.value if self.maximize else value < self.value)):
+            self.value, self.step = value, stats.epoch
+        return {} if self.value is None else {best_metric(self.metric): self.value,
+                                              BEST_STEP: self.step}
 
 
 def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] | None):
@@ -313,11 +351,14 @@ def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] 
     storage = opened.storage
     steps = config.epochs * spec.budget.reports_per_epoch
     rungs = set(spec.rungs)
+    best = _Best(metric, spec.maximize)  # over the reports before the checkpoint too
+    for earlier in member.found.state.history if member.found else ():
+        best.add(EpochStats(**earlier))
 
     def on_epoch(stats) -> bool:
         signals.check()  # a Ctrl-C whose first raise Python dropped stops here
         _check_mine(opened, trial)
-        opened.tracker.log_epoch(member.run_id, stats)
+        opened.tracker.log_epoch(member.run_id, stats, best.add(stats))
         value = stats.value(metric)
         if not math.isfinite(value):
             raise DivergedError(stats.epoch, 0, value, what=metric)

@@ -43,7 +43,8 @@ TOP_LEVEL_KEYS = ("name", "description", "task", "model", "loss", "metric", "dir
                   "seed",
                   "sampler", "pruner", "budget", "storage", "tracking_uri", "data", "fixed",
                   "search_space", "baseline", "heartbeat", "store_timeout", "fuse",
-                  "checkpoint")
+                  "checkpoint", "registry")
+REGISTRY_KEYS = ("name",)
 MAX_FUSE = 64
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 DIRECTIONS = ("maximize", "minimize")
@@ -128,6 +129,8 @@ class Spec:
     model_key: str = "model"  # the key that names the model factory: model or model.factory
     # seconds between checkpoints (0: every epoch), "auto" (core/checkpoint.py), None: never
     checkpoint: float | str | None = "auto"
+    # the registered model `export` adds the winner to; None: it registers nothing
+    registry: str | None = None
 
     @property
     def asha(self) -> Asha | None:
@@ -497,7 +500,20 @@ def parse(text: str, path: Path | str = "<sweep>") -> Spec:
                 data_kwargs=code["data_kwargs"], loss=loss, metric_ref=metric_ref,
                 code_dir=code["code_dir"], data=data, fixed=fixed, search_space=space,
                 baseline=baseline, base=base, model_key=code["model_key"],
-                checkpoint=checkpoint)
+                checkpoint=checkpoint, registry=_parse_registry(path, raw, name.strip()))
+
+
+def _parse_registry(path: Path, raw: dict, study: str) -> str | None:
+    """`registry: {name: NAME}` (default: the study's name), `true`, or `false` (none)."""
+    given = raw.get("registry", True)
+    if isinstance(given, bool):
+        return study if given else None
+    name = _mapping(path, "registry", given, REGISTRY_KEYS).get("name", study)
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise _fail(path, "registry.name", f"{name!r} is not allowed: use 1 to 100 letters, "
+                    "digits, '.', '_' or '-', starting with a letter or digit (it names the "
+                    "model in MLflow's Model Registry: models:/NAME@champion)")
+    return name
 
 
 def _parse_checkpoint(path: Path, raw) -> float | str | None:
