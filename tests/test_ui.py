@@ -97,6 +97,14 @@ def test_browser_sees_the_trial_runs_and_a_metric(ui, tmp_path, capsys):
         page.get_by_text("Sort: val_loss").wait_for(timeout=30_000)
         listed = page.get_by_text(re.compile(r"^trial \d{3}$")).all_inner_texts()
         page.screenshot(path=tmp_path / "charts.png", full_page=True)
+
+        # The study's run shows its leaderboard as a table, a row per trial.
+        parent = study.user_attrs["mlflow_parent_run_id"]
+        page.goto(f"{url}/#/experiments/{experiment}/runs/{parent}/artifacts")
+        page.get_by_text("leaderboard.json").first.click()
+        for t in study.trials:
+            page.get_by_text(t.user_attrs["mlflow_run_id"]).first.wait_for(timeout=30_000)
+        page.screenshot(path=tmp_path / "leaderboard.png", full_page=True)
         browser.close()
     best_first = sorted(study.trials, key=lambda t: t.value)  # val_loss: the lowest first
     assert listed[:len(best_first)] == [f"trial {t.number:03d}" for t in best_first]

@@ -213,6 +213,14 @@ def _problem(uri: str, exc: BaseException) -> str:
     return describe(exc)
 
 
+def _dataset_race(exc: BaseException) -> bool:
+    """Another process inserted the same dataset first (SQLite or PostgreSQL, directly or
+    as a tracking server's answer)."""
+    text = " ".join(str(e) for e in chain(exc))
+    return (("UNIQUE constraint failed: datasets." in text)
+            or ("duplicate key" in text and "dataset_pk" in text))
+
+
 def _unreachable(exc: BaseException | None) -> bool:
     """The server did not answer (refused, reset mid-answer, timed out): MLflow's retries
     were spent on it. Not an answer the server gave, such as a missing run."""
@@ -384,7 +392,16 @@ class Tracker:
 
     @_store_call
     def _log_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
-        self.client.log_inputs(run_id, datasets=inputs)
+        for attempt in range(3):
+            try:
+                return self.client.log_inputs(run_id, datasets=inputs)
+            except Exception as exc:  # noqa: BLE001
+                # MLflow's store looks a dataset up, then inserts it: the first trials of
+                # two processes both insert it, and one fails on the unique key. Again, it
+                # finds the other's row and links it.
+                if attempt == 2 or not _dataset_race(exc):
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     @_store_call
     def log_epochs(self, run_id: str, history: list[EpochStats]) -> None:
@@ -512,17 +529,21 @@ class Tracker:
     @_store_call
     def log_leaderboard(self, run_id: str, table) -> None:
         """The study's trials as a table (a pandas DataFrame) on its parent run, shown in
-        MLflow's artifact view. log_table appends to a table already there, so a study
-        summarized again replaces it instead."""
-        import pandas as pd
+        MLflow's UI as a table. Written as `MlflowClient.log_table` writes one (JSON in
+        pandas' split form, and the run's `mlflow.loggedArtifacts` tag), but replaced whole:
+        log_table reads, appends and writes back a table already there, so two processes
+        ending one study at once would duplicate rows or fail on each other's file."""
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
-        if any(f.path == LEADERBOARD_FILE for f in self.client.list_artifacts(run_id)):
-            self._artifacts(run_id).delete_artifacts(LEADERBOARD_FILE)
-        # pandas 3's text columns as plain objects: MLflow looks for images among object
-        # columns, and pandas warns at each study's end that it counts text ones among them
-        text = {c: object for c, dtype in table.dtypes.items()
-                if isinstance(dtype, pd.StringDtype)}
-        self.client.log_table(run_id, data=table.astype(text), artifact_file=LEADERBOARD_FILE)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / LEADERBOARD_FILE
+            table.to_json(path, orient="split", index=False, date_format="iso")
+            self.client.log_artifact(run_id, str(path))
+        entry = {"path": LEADERBOARD_FILE, "type": "table"}
+        logged = json.loads(self.client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS)
+                            or "[]")
+        if entry not in logged:
+            self.client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
     @_store_call
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:
