@@ -40,3 +40,14 @@ def test_a_password_inside_an_error_message_is_replaced():
             "failed")
     assert redact_text(text) == ('(psycopg.OperationalError) connection to '
                                  '"postgresql://optuna:***@db:5432/x" failed')
+
+
+def test_the_ui_address_of_a_tracking_server_carries_no_credentials():
+    from optimsweep.records.mlflow_ui import trials_view, ui_base
+
+    assert ui_base("https://alice:s3cret@mlflow.example:8443/") == "https://mlflow.example:8443"
+    assert ui_base("http://TOKEN@10.0.0.5:5001") == "http://10.0.0.5:5001"
+    assert ui_base("sqlite:///mlruns/mlflow.db", 5005) == "http://127.0.0.1:5005"
+    address = trials_view("http://h:1", "7", "val_loss", maximize=False)
+    assert address.startswith("http://h:1/#/experiments/7/runs?")
+    assert "orderByKey=metrics.%60val_loss%60&orderByAsc=true&compareRunsMode=CHART" in address
