@@ -19,7 +19,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from optimsweep.records.schema import ModelTag
-from optimsweep.records.tracking import Tracker, _store_call, is_missing
+from optimsweep.records.tracking import Tracker, is_missing, store_call
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_NAME = "model"  # the logged model's name on the trial's run
@@ -115,7 +115,7 @@ class ModelRegistry:
         self.uri, self.client = tracker.uri, tracker.client
         self._http_retries = tracker._http_retries
 
-    @_store_call
+    @store_call
     def version_of(self, name: str, run_id: str):
         """The version registered before from this run, if any (re-exporting the same
         trial makes no new version)."""
@@ -128,7 +128,7 @@ class ModelRegistry:
         return next((v for v in sorted(found, key=lambda v: int(v.version))
                      if v.run_id == run_id), None)
 
-    @_store_call
+    @store_call
     def log_model(self, run_id: str, experiment_id: str, model: torch.nn.Module,
                   example: np.ndarray) -> str:
         """The trial's model as an MLflow model on its run (pt2, signature and input
@@ -149,7 +149,7 @@ class ModelRegistry:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         return info.model_uri
 
-    @_store_call
+    @store_call
     def register(self, name: str, model_uri: str, run_id: str, tags: dict[str, str],
                  description: str, experiment_id: str):
         with _fluent(self.uri, experiment_id):  # the store looks the model up through it
@@ -166,12 +166,12 @@ class ModelRegistry:
         return self.client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
                                                 model_id=model_uri.removeprefix("models:/"))
 
-    @_store_call
+    @store_call
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
 
-    @_store_call
+    @store_call
     def holder(self, name: str, alias: str):
         """The version holding `alias`, or None."""
         try:
@@ -181,11 +181,11 @@ class ModelRegistry:
                 return None
             raise
 
-    @_store_call
+    @store_call
     def move(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
 
-    @_store_call
+    @store_call
     def drop(self, name: str, alias: str) -> None:
         self.client.delete_registered_model_alias(name, alias)
 

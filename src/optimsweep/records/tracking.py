@@ -60,7 +60,7 @@ QUIET_MLFLOW = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 
 
 # MLflow's own retry of a request to a tracking server: it reads these at each request, and
-# only from the environment. They are set for the length of each call (see `_store_call`)
+# only from the environment. They are set for the length of each call (see `store_call`)
 # and only where the user did not set them, so no other process inherits them.
 _HTTP_RETRY_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT")
@@ -180,7 +180,7 @@ def _dispose(url: str) -> None:
         engine.dispose()
 
 
-def _store_call(method):
+def store_call(method):
     """Turn any failure of the store into a StoreError that names the store. Ctrl-C waits
     for the call to end (see signals); a server that does not answer is retried as the
     tracker's settings say."""
@@ -248,7 +248,7 @@ class Tracker:
                 raise StoreError(f"tracking store {redact(self.uri)}: {describe(exc)}") from exc
         self.client = MlflowClient(self.uri)
 
-    @_store_call
+    @store_call
     def experiment_id(self, name: str, create: bool = True) -> str | None:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None and experiment.lifecycle_stage == "deleted":
@@ -264,7 +264,7 @@ class Tracker:
             name, artifact_location=_artifact_location(self.uri),
             tags={"mlflow.experimentKind": "custom_model_development"})
 
-    @_store_call
+    @store_call
     def runs(self, experiment_id: str, role: str) -> list:
         """Every live run of one role in the experiment. Values are matched here, not in
         the filter string, so no study name can change what the filter means."""
@@ -272,7 +272,7 @@ class Tracker:
                                         max_results=50_000)
         return [r for r in found if r.data.tags.get(Tag.ROLE) == role]
 
-    @_store_call
+    @store_call
     def study_records(self, study_name: str) -> tuple[str, int] | None:
         """The study's parent run and how many child runs (trials, confirms) it holds, or
         None when the store has no parent run of that name. Creates nothing."""
@@ -289,7 +289,7 @@ class Tracker:
                     if r.data.tags.get(Tag.PARENT) in ids]
         return min(parents, key=lambda r: r.info.start_time).info.run_id, len(children)
 
-    @_store_call
+    @store_call
     def run(self, run_id: str):
         """The run, or None when the store no longer has it."""
         try:
@@ -299,7 +299,7 @@ class Tracker:
                 return None
             raise
 
-    @_store_call
+    @store_call
     def study_run(self, experiment_id: str, study_name: str, *, sweep_text: str,
                   sweep_file: str, tags: dict) -> str:
         """The study's parent run, created once and reopened when the study resumes. The
@@ -318,7 +318,7 @@ class Tracker:
         self.client.log_text(run_id, sweep_text, f"sweep/{Path(sweep_file).name}")
         return run_id
 
-    @_store_call
+    @store_call
     def start_run(self, experiment_id: str, parent_run_id: str, study_name: str,
                   trial_number: int, *, role: str = TRIAL_ROLE, run_name: str | None = None,
                   tags: dict | None = None) -> str:
@@ -335,7 +335,7 @@ class Tracker:
         )
         return run.info.run_id
 
-    @_store_call
+    @store_call
     def log_config(self, run_id: str, config: TrainConfig, sampled: dict) -> None:
         """Every parameter that applies, and config.yaml to rerun it with `train --config`."""
         params = [Param(k, str(v)) for k, v in config.active_params().items()]
@@ -345,14 +345,14 @@ class Tracker:
             RunTag(Tag.SAMPLED, ",".join(sorted(sampled))), *code])
         self.client.log_text(run_id, config_yaml(config), CONFIG_FILE)
 
-    @_store_call
+    @store_call
     def log_missing_params(self, run_id: str, params: dict) -> None:
         logged = self.client.get_run(run_id).data.params
         missing = [Param(k, str(v)) for k, v in params.items() if k not in logged]
         if missing:
             self.client.log_batch(run_id, params=missing)
 
-    @_store_call
+    @store_call
     def log_epoch(self, run_id: str, stats: EpochStats,
                   summary: dict[str, float] | None = None) -> None:
         """One report's curve points, and `summary` metrics (best_<metric>, best_epoch) at
@@ -361,7 +361,7 @@ class Tracker:
         self.client.log_batch(run_id, metrics=_epoch_metrics(stats, now) + [
             Metric(k, float(v), now, stats.epoch) for k, v in (summary or {}).items()])
 
-    @_store_call
+    @store_call
     def log_steps(self, run_id: str, by_step: dict[int, dict[str, float]]) -> None:
         """Metrics at several steps (the summary of a curve a resumed run continues)."""
         now = int(time.time() * 1000)
@@ -390,7 +390,7 @@ class Tracker:
             inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         self._log_inputs(run_id, inputs)
 
-    @_store_call
+    @store_call
     def _log_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
         for attempt in range(3):
             try:
@@ -403,7 +403,7 @@ class Tracker:
                     raise
                 time.sleep(0.1 * (attempt + 1))
 
-    @_store_call
+    @store_call
     def log_epochs(self, run_id: str, history: list[EpochStats]) -> None:
         """The curve a resumed run continues: the epochs its checkpoint holds, in as few
         requests as MLflow's batch limit allows."""
@@ -412,7 +412,7 @@ class Tracker:
         for start in range(0, len(metrics), _BATCH_METRICS):
             self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH_METRICS])
 
-    @_store_call
+    @store_call
     def log_checkpoint(self, run_id: str, path: Path, epoch: int) -> None:
         """Store a checkpoint with the run (under its own name, so the previous one stays
         whole until this one is), then remove the older ones."""
@@ -420,7 +420,7 @@ class Tracker:
         for name in self.checkpoints(run_id)[1:]:
             self._artifacts(run_id).delete_artifacts(name)
 
-    @_store_call
+    @store_call
     def checkpoints(self, run_id: str) -> list[str]:
         """The run's checkpoint files (artifact paths), the latest epoch first."""
         try:
@@ -433,7 +433,7 @@ class Tracker:
                       key=lambda path: int("".join(c for c in path if c.isdigit()) or 0),
                       reverse=True)  # by number: epoch-10000 is newer than epoch-9999
 
-    @_store_call
+    @store_call
     def delete_checkpoints(self, run_id: str) -> None:
         if self.checkpoints(run_id):
             self._artifacts(run_id).delete_artifacts(CHECKPOINT_DIR)
@@ -444,7 +444,7 @@ class Tracker:
         return get_artifact_repository(self.client.get_run(run_id).info.artifact_uri,
                                        tracking_uri=self.uri)
 
-    @_store_call
+    @store_call
     def log_result(self, run_id: str, result: FitResult) -> None:
         """Final test metrics and the final state_dict (written atomically, then copied)."""
         now = int(time.time() * 1000)
@@ -457,7 +457,7 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifact(run_id, save_state_dict(result.model, Path(tmp) / STATE_DICT))
 
-    @_store_call
+    @store_call
     def finish_run(self, run_id: str, state: State, error: str | None = None,
                    traceback: str | None = None) -> None:
         """Close a run in its trial's real state, with the reason when it failed. A paused
@@ -475,7 +475,7 @@ class Tracker:
         else:
             self.client.set_terminated(run_id, state.run_status)
 
-    @_store_call
+    @store_call
     def resume_run(self, run_id: str) -> None:
         """A paused trial's run, promoted: RUNNING again, owned by this process."""
         self.client.update_run(run_id, status=State.RUNNING.run_status)
@@ -483,50 +483,50 @@ class Tracker:
             RunTag(Tag.STATE, State.RUNNING.word), RunTag(Tag.HOST, socket.gethostname()),
             RunTag(Tag.PID, str(os.getpid()))])
 
-    @_store_call
+    @store_call
     def tag(self, run_id: str, key: str) -> str | None:
         return self.client.get_run(run_id).data.tags.get(key)
 
-    @_store_call
+    @store_call
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 
-    @_store_call
+    @store_call
     def download(self, run_id: str, artifact: str, folder: Path) -> Path:
         return Path(self.client.download_artifacts(run_id, artifact, str(folder)))
 
-    @_store_call
+    @store_call
     def reopen(self, run_id: str) -> None:
         """Mark a run RUNNING again (the study's run, when a worker picks up a trial after
         another process closed it)."""
         if self.client.get_run(run_id).info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
 
-    @_store_call
+    @store_call
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
 
-    @_store_call
+    @store_call
     def set_status(self, run_id: str, status: str) -> None:
         if status == "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
         else:
             self.client.set_terminated(run_id, status)
 
-    @_store_call
+    @store_call
     def delete_run(self, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, Tag.ERROR, reason)
         self.client.set_terminated(run_id, "FAILED")
         self.client.delete_run(run_id)
 
-    @_store_call
+    @store_call
     def log_summary(self, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
         """A study's counts and best trial, on its parent run."""
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                               tags=[RunTag(k, v) for k, v in tags.items()])
 
-    @_store_call
+    @store_call
     def log_leaderboard(self, run_id: str, table) -> None:
         """The study's trials as a table (a pandas DataFrame) on its parent run, shown in
         MLflow's UI as a table. Written as `MlflowClient.log_table` writes one (JSON in
@@ -545,6 +545,6 @@ class Tracker:
         if entry not in logged:
             self.client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
-    @_store_call
+    @store_call
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
