@@ -4,8 +4,10 @@ registered in MLflow's Model Registry as a model that serves without this packag
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from optimsweep.core.artifacts import load_state_dict
-from optimsweep.core.data import Dataset
+from optimsweep.core.data import Dataset, StreamingData
 from optimsweep.core.models import build_model
 from optimsweep.core.train import TrainConfig, load_data
 from optimsweep.errors import Expected, Failed, SpecError, StoreError, chain, describe
@@ -115,13 +117,18 @@ def export_best(opened: OpenStudy, out: Path | None = None, register: bool = Tru
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    done = Export(trial, folder, reason, doubts(opened, trial, config), confirmed)
+    # The chance check and the model's input example both read the data: load it once,
+    # and only if one of them asks (a failed load is tried again, to say why, by the one
+    # that can't do without it).
+    data = functools.cache(lambda: load_data(config))
+    done = Export(trial, folder, reason, doubts(opened, trial, data), confirmed)
     if register and spec.registry:
-        done.registered = register_winner(opened, done, config, run)
+        done.registered = register_winner(opened, done, config, run, data)
     return done
 
 
-def register_winner(opened: OpenStudy, done: Export, config: TrainConfig, run) -> Registered:
+def register_winner(opened: OpenStudy, done: Export, config: TrainConfig, run,
+                    data: Callable[[], Dataset | StreamingData]) -> Registered:
     """The exported winner as a version of the registered model (a new one only the first
     time this trial is exported), placed as champion or challenger."""
     spec, registry = opened.spec, ModelRegistry(opened.tracker)
@@ -144,7 +151,7 @@ def register_winner(opened: OpenStudy, done: Export, config: TrainConfig, run) -
         model = _model_with_weights(config, done.folder / STATE_DICT)
         try:
             uri = registry.log_model(run_id, run.info.experiment_id, model,
-                                     _input_example(config))
+                                     _input_example(data()))
         except StoreError as exc:
             if not _not_exportable(exc):
                 raise
@@ -169,10 +176,9 @@ def _model_with_weights(config: TrainConfig, weights: Path) -> torch.nn.Module:
     return model
 
 
-def _input_example(config: TrainConfig):
+def _input_example(data: Dataset | StreamingData):
     """The first training inputs, as the model saw them (dtype and shape): the model's
     input example and the shape its signature promises."""
-    data = load_data(config)
     if isinstance(data, Dataset):
         rows = data.train_x[:EXAMPLE_ROWS]
     else:
@@ -191,11 +197,11 @@ def _not_exportable(exc: StoreError) -> bool:
 CHANCE_MARGIN = 0.02  # accuracy within 2 points of a constant guess is no better than chance
 
 
-def _chance_accuracy(config) -> float | None:
+def _chance_accuracy(data: Callable[[], Dataset | StreamingData]) -> float | None:
     """What always guessing the commonest class scores on the validation split; None where
     that can't be known cheaply (data not at hand here, or streamed)."""
     try:
-        data = load_data(config)
+        data = data()
     except Expected:
         return None
     if not isinstance(data, Dataset) or not data.num_classes or not len(data.val_y):
@@ -204,7 +210,8 @@ def _chance_accuracy(config) -> float | None:
     return float(torch.bincount(labels.flatten().cpu()).max()) / labels.numel()
 
 
-def doubts(opened: OpenStudy, trial: optuna.trial.FrozenTrial, config) -> list[str]:
+def doubts(opened: OpenStudy, trial: optuna.trial.FrozenTrial,
+           data: Callable[[], Dataset | StreamingData]) -> list[str]:
     """Why the exported winner may be no good: it is the study's baseline, no better than
     the baseline, or (accuracy) no better than always guessing the commonest class."""
     spec, study, found = opened.spec, opened.study, []
@@ -221,7 +228,7 @@ def doubts(opened: OpenStudy, trial: optuna.trial.FrozenTrial, config) -> list[s
                          f"no better than the baseline, trial {base.number} "
                          f"({base.value:.4f})")
     if metric == "val_accuracy":
-        chance = _chance_accuracy(config)
+        chance = _chance_accuracy(data)
         if chance is not None and trial.value <= chance + CHANCE_MARGIN:
             found.append(f"the winner, trial {trial.number}, reaches {100 * trial.value:.2f}% "
                          f"validation accuracy: no better than chance (always guessing the "
