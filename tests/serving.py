@@ -34,10 +34,23 @@ sys.path[:] = [p for p in sys.path if not any(p.startswith(h) for h in {hidden!r
 '''
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_up(url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Until `url` answers 200; a server that exits or takes longer fails with its log."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError(log.read_text()[-3000:]) from None
+            time.sleep(0.3)
 
 
 @contextlib.contextmanager
@@ -51,7 +64,7 @@ def served(model_uri: str, tracking_uri: str, folder: Path, *, blocked: tuple[st
     attempts = folder / "refused-imports.txt"
     (site / "sitecustomize.py").write_text(REFUSER.format(
         blocked=set(blocked), log=str(attempts), hidden=tuple(str(h) for h in hidden)))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(site), "MLFLOW_TRACKING_URI": tracking_uri,
            # MLflow runs `uvicorn` by name: the venv's, as in an activated venv
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -64,15 +77,7 @@ def served(model_uri: str, tracking_uri: str, folder: Path, *, blocked: tuple[st
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError(log.read_text()[-3000:]) from None
-                time.sleep(0.3)
+        wait_until_up(f"{url}/ping", server, log, timeout=120)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):

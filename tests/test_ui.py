@@ -5,17 +5,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from optimsweep.cli import main
 from optimsweep.run.runner import run_sweep
+from serving import free_port, wait_until_up
 from sweeps import line_sweep, load
 
 pytestmark = pytest.mark.browser
@@ -25,18 +23,12 @@ if CHROMIUM is None and not os.environ.get("CI"):
                 allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ui(tmp_path):
     """A finished study and the MLflow UI serving its store, as `make ui` starts it."""
     spec = load(line_sweep(tmp_path, budget={"n_trials": 3, "epochs": 2}))
     study = run_sweep(spec, progress=False)
-    port = _free_port()
+    port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
         [str(mlflow), "ui", "--backend-store-uri", spec.tracking_uri, "--host", "127.0.0.1",
@@ -44,15 +36,7 @@ def ui(tmp_path):
         stderr=open(tmp_path / "ui.log", "w"))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError((tmp_path / "ui.log").read_text()) from None
-                time.sleep(0.5)
+        wait_until_up(f"{url}/health", server, tmp_path / "ui.log", timeout=90)
         yield url, study, spec
     finally:
         server.terminate()
