@@ -42,15 +42,10 @@ def servers():
     without MLflow's job runner (see above). Where they can't be had the tests skip, except
     in CI, where that is a failure."""
     import shutil
-    import socket
     import tempfile
 
     from optimsweep import services
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from serving import free_port
 
     folder = tempfile.mkdtemp(prefix="optimsweep-services-")  # /tmp: the postgres user reaches it
     try:
