@@ -1,11 +1,15 @@
 """Imported once by the fork server the tests start `optimsweep` processes from (records.py):
-what a sweep pays the first time it loads FashionMNIST (torchvision) and closes its study
-(matplotlib, plotly's figure classes, Optuna's importance evaluator) is paid there once,
-not by every process."""
+what a sweep pays the first time it opens MLflow's SQL store, builds an optimizer (torch's
+compiler), loads FashionMNIST (torchvision) and closes its study (matplotlib, plotly's figure
+classes, Optuna's importance evaluator) is paid there once, not by every process. Nothing
+here opens a store or a file that a process would inherit."""
 
 import warnings
 
+import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 import optuna
+import sqlalchemy.orm
+import torch
 import torchvision.datasets  # noqa: F401
 
 from optimsweep.plots import write_study_plots
@@ -15,6 +19,9 @@ def _warm() -> None:
     import tempfile
     from pathlib import Path
 
+    sqlalchemy.orm.configure_mappers()  # what the first query of MLflow's store does
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study()
     for _ in range(3):
@@ -23,6 +30,7 @@ def _warm() -> None:
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         write_study_plots(study, "val_loss", Path(folder))
+    optuna.logging.set_verbosity(verbosity)
 
 
 _warm()

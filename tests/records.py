@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing import forkserver
 from pathlib import Path
 
 import optuna
@@ -25,6 +26,11 @@ DATA = Path(os.environ.get("OPTIMSWEEP_DATA", Path(__file__).parents[1] / "data"
 
 
 def mlflow_runs(spec, role=None):
+    if spec.tracking_uri.startswith("sqlite:///"):
+        # A client on a missing file creates and migrates it: a test polling for runs would
+        # race the process under test that is creating the same store.
+        if not Path(spec.tracking_uri.removeprefix("sqlite:///")).exists():
+            raise FileNotFoundError(f"no tracking store yet at {spec.tracking_uri}")
     client = MlflowClient(spec.tracking_uri)
     experiment = client.get_experiment_by_name(spec.name)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
@@ -91,11 +97,13 @@ def best_report(curve: dict[int, float], maximize: bool) -> tuple[float, int]:
 
 
 # The modules every `optimsweep` command imports (torch and MLflow: about 7 s per process
-# start on a 2-core machine), imported once by multiprocessing's fork server, and what the
-# first FashionMNIST load and study plots import lazily (preloaded.py: about 4 s more).
+# start on a 2-core machine), imported once by multiprocessing's fork server, and what a
+# sweep imports lazily: MLflow's SQL store, torch's compiler (the first optimizer), FashionMNIST
+# and the study plots (preloaded.py): about 9 s more, measured per process.
 PRELOAD = ["optimsweep.cli", "optimsweep.run.runner", "optimsweep.run.study",
            "optimsweep.sweep.check", "optimsweep.report", "optimsweep.confirm",
            "optimsweep.export", "preloaded"]
+HERE = str(Path(__file__).parent)
 
 
 def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
@@ -114,6 +122,8 @@ def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str) -> No
         os.close(opened)
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+    if "preloaded" not in sys.modules:  # the server skips a preload that fails to import
+        raise RuntimeError("the fork server did not import tests/preloaded.py")
     if env.get("PYTHONFAULTHANDLER"):  # what Python does at start-up with it set
         faulthandler.enable()
     from optimsweep.cli import main
@@ -134,6 +144,18 @@ class CliProcess:
         if CliProcess._context is None:
             CliProcess._context = multiprocessing.get_context("forkserver")
             CliProcess._context.set_forkserver_preload(PRELOAD)
+            # Python 3.11's fork server imports its preload before it takes this process's
+            # sys.path, so it would skip this folder's `preloaded` in silence: it starts with
+            # the folder on PYTHONPATH instead (its children get their own environment).
+            saved = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, saved]))
+            try:
+                forkserver.ensure_running()
+            finally:
+                if saved is None:
+                    del os.environ["PYTHONPATH"]
+                else:
+                    os.environ["PYTHONPATH"] = saved
         self.args = ["optimsweep", *argv]
         self._files = tempfile.mkdtemp(prefix="optimsweep-cli-")
         self._out, self._err = (os.path.join(self._files, n) for n in ("stdout", "stderr"))

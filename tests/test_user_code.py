@@ -49,6 +49,12 @@ def with_nan():
     (x, y), test = load(n_train=1200)
     x[::240, 0] = float("nan")  # five readings lost by a sensor
     return (x, y), test
+
+
+def with_inf_in_test():
+    train, (x, y) = load(n_train=1200, as_datasets=False)
+    x[7, 3] = -float("inf")  # one overflowed reading, in the test part
+    return train, (x, y)
 '''
 
 MODELS = '''
@@ -195,6 +201,9 @@ BAD = [
      "data.factory", "should return ((x_train, y_train), (x_test, y_test))"),
     ("NaN in the inputs", lambda d, m: {"data": {"factory": f"{d}:with_nan", "kwargs": {}}},
      "data.factory", "non-finite values (NaN or infinity): 5 in the training inputs (x)"),
+    ("-inf in the test inputs", lambda d, m: {"data": {"factory": f"{d}:with_inf_in_test",
+                                                        "kwargs": {}}},
+     "data.factory", "non-finite values (NaN or infinity): 1 in the test inputs (x)"),
     ("validation bigger than the data", lambda d, m: {"data": {"val_size": 1200}},
      "data.val_size", "must be in [1, 1199]"),
 ]
