@@ -14,6 +14,7 @@ import tempfile
 import time
 from multiprocessing import forkserver
 from pathlib import Path
+from unittest import mock
 
 import optuna
 import pytest
@@ -99,7 +100,7 @@ def best_report(curve: dict[int, float], maximize: bool) -> tuple[float, int]:
 # The modules every `optimsweep` command imports (torch and MLflow: about 7 s per process
 # start on a 2-core machine), imported once by multiprocessing's fork server, and what a
 # sweep imports lazily: MLflow's SQL store, torch's compiler (the first optimizer), FashionMNIST
-# and the study plots (preloaded.py): about 9 s more, measured per process.
+# and the study plots (preloaded.py): 6 to 7 s more per forked one-trial sweep.
 PRELOAD = ["optimsweep.cli", "optimsweep.run.runner", "optimsweep.run.study",
            "optimsweep.sweep.check", "optimsweep.report", "optimsweep.confirm",
            "optimsweep.export", "preloaded"]
@@ -147,15 +148,9 @@ class CliProcess:
             # Python 3.11's fork server imports its preload before it takes this process's
             # sys.path, so it would skip this folder's `preloaded` in silence: it starts with
             # the folder on PYTHONPATH instead (its children get their own environment).
-            saved = os.environ.get("PYTHONPATH")
-            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, saved]))
-            try:
+            path = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+            with mock.patch.dict(os.environ, {"PYTHONPATH": path}):
                 forkserver.ensure_running()
-            finally:
-                if saved is None:
-                    del os.environ["PYTHONPATH"]
-                else:
-                    os.environ["PYTHONPATH"] = saved
         self.args = ["optimsweep", *argv]
         self._files = tempfile.mkdtemp(prefix="optimsweep-cli-")
         self._out, self._err = (os.path.join(self._files, n) for n in ("stdout", "stderr"))

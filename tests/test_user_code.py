@@ -52,7 +52,7 @@ def with_nan():
 
 
 def with_inf_in_test():
-    train, (x, y) = load(n_train=1200, as_datasets=False)
+    train, (x, y) = load(n_train=1200)
     x[7, 3] = -float("inf")  # one overflowed reading, in the test part
     return train, (x, y)
 '''

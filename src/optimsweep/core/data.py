@@ -310,10 +310,12 @@ def _check_finite(where: str, parts: dict[str, torch.Tensor]) -> None:
 
 
 def _surely_finite(t: torch.Tensor) -> bool:
-    """A NaN makes both extremes NaN and an infinity is one of them, so finite extremes mean
+    """A NaN makes the extremes NaN and an infinity is one of them, so finite extremes mean
     finite data: one reduction, no mask (FashionMNIST: 15 ms against 530 ms for counting)."""
-    if t.is_complex() or t.numel() == 0:
-        return t.numel() == 0
+    if t.numel() == 0:
+        return True
+    if t.is_complex():  # no order to take extremes in: counted instead
+        return False
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
