@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# `make test` runs the suite in parallel workers (pytest-xdist): each gets its share of the
+# cores for torch's threads, as do the processes it starts, which inherit this: two workers
+# of two threads each on two cores spent a third more CPU time than one worker, their threads
+# spinning while they waited for a core the other worker held. Set before torch is imported
+# (its OpenMP reads it once, when it loads).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
-from core_helpers import load_fashion_mnist, make_regression
+import pytest  # noqa: E402
+
+from core_helpers import load_fashion_mnist, make_regression  # noqa: E402
 
 # The MLflow servers the tests start (`mlflow server` for `servers` below and the tests that
 # restart it, `mlflow ui` for test_ui) inherit this: without it, each start also launches

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from optimsweep.cli import main
 from records import assert_invariant, load_study, run_cli
 from sweeps import line_sweep, load
 
@@ -53,7 +54,8 @@ def test_shipped_sweep_files_keep_their_fingerprints():
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """A small study with a baseline, a conditional parameter and a scheduler, then exported."""
+    """A small study with a baseline, a conditional parameter and a scheduler, swept once for
+    the module (each test may run in a worker of its own, so none relies on another)."""
     tmp = tmp_path_factory.mktemp("golden")
     path = line_sweep(tmp, "golden", budget={"n_trials": 3, "epochs": 2},
                       search_space={
@@ -65,12 +67,12 @@ def swept(tmp_path_factory):
                           "step_size": {"type": "int", "low": 1, "high": 2}},
                       baseline=[{"optimizer": "sgd", "lr": 0.01, "batch_size": 16,
                                  "scheduler": "none"}])
+    assert main(["sweep", str(path), "--no-progress"]) == 0
     return tmp, path
 
 
-def test_a_trials_run_keeps_its_params_and_tags(swept, capsys):
+def test_a_trials_run_keeps_its_params_and_tags(swept):
     tmp, path = swept
-    assert run_cli(capsys, "sweep", path, "--no-progress")[0] == 0
     spec = load(path)
     client, children, trials = assert_invariant(spec)
     runs = {r.data.tags["optimsweep.trial_number"]: r for r in children}

@@ -35,6 +35,10 @@ from records import (
     wait_until,
 )
 
+# One PostgreSQL and one MLflow server for all these tests: `make test`'s parallel workers
+# run them in one worker, which alone starts the servers.
+pytestmark = pytest.mark.xdist_group("servers")
+
 TrialState = optuna.trial.TrialState
 
 
