@@ -65,6 +65,26 @@ def test_rungs_and_the_top_third_of_a_rung():
     assert asha.promotable(third + higher, maximize=True).number == 3
 
 
+def test_a_retry_is_judged_at_its_rungs_once_and_its_interrupted_trial_not_at_all():
+    """A retry carries the reports its checkpoint held; the trial it retries, failed by a
+    kill, stands for nothing at a rung (else that config would count twice there)."""
+    asha = Asha(min_resource=1, reduction_factor=3)
+    killed = create_trial(state=TrialState.FAIL, params={"lr": 0.1},
+                          distributions={"lr": FloatDistribution(0.01, 1)},
+                          intermediate_values={1: 0.9, 2: 0.91},
+                          user_attrs={"interrupted": True})
+    killed.number = 0
+    retry = create_trial(state=TrialState.RUNNING, params={"lr": 0.1},
+                         distributions={"lr": FloatDistribution(0.01, 1)},
+                         intermediate_values={1: 0.9, 2: 0.91}, user_attrs={"retry_of": 0})
+    retry.number = 3
+    trials = [killed, trial(1, {1: 0.5}), trial(2, {1: 0.6}), retry]
+    # Three configs at rung 1, the retry the best: it goes on. Counted with the killed one
+    # (four values, a tie broken by the earlier number), it would be paused.
+    assert asha.keeps_going(trials, 3, 1, maximize=True)
+    assert not asha.keeps_going(trials, 0, 1, maximize=True)
+
+
 @pytest.mark.parametrize("options, problem", [
     ({"reduction_factor": 1}, "reduction_factor: 1 must be an integer >= 2"),
     ({"min_resource": 0}, "min_resource: 0 must be an integer >= 1"),
