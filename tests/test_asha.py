@@ -42,11 +42,13 @@ def in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTIMSWEEP_DATA", str(DATA))
 
 
-def trial(number: int, values: dict[int, float], paused_at: int | None = None):
-    state = TrialState.WAITING if paused_at is not None else TrialState.PRUNED
+def trial(number: int, values: dict[int, float], paused_at: int | None = None,
+          state: TrialState | None = None, **attrs):
+    if state is None:
+        state = TrialState.WAITING if paused_at is not None else TrialState.PRUNED
     made = create_trial(state=state, params={"lr": 0.1}, intermediate_values=values,
                         distributions={"lr": FloatDistribution(0.01, 1)},
-                        user_attrs={"paused_at": paused_at} if paused_at else {})
+                        user_attrs={**({"paused_at": paused_at} if paused_at else {}), **attrs})
     made.number = number
     return made
 
@@ -69,15 +71,8 @@ def test_a_retry_is_judged_at_its_rungs_once_and_its_interrupted_trial_not_at_al
     """A retry carries the reports its checkpoint held; the trial it retries, failed by a
     kill, stands for nothing at a rung (else that config would count twice there)."""
     asha = Asha(min_resource=1, reduction_factor=3)
-    killed = create_trial(state=TrialState.FAIL, params={"lr": 0.1},
-                          distributions={"lr": FloatDistribution(0.01, 1)},
-                          intermediate_values={1: 0.9, 2: 0.91},
-                          user_attrs={"interrupted": True})
-    killed.number = 0
-    retry = create_trial(state=TrialState.RUNNING, params={"lr": 0.1},
-                         distributions={"lr": FloatDistribution(0.01, 1)},
-                         intermediate_values={1: 0.9, 2: 0.91}, user_attrs={"retry_of": 0})
-    retry.number = 3
+    killed = trial(0, {1: 0.9, 2: 0.91}, state=TrialState.FAIL, interrupted=True)
+    retry = trial(3, {1: 0.9, 2: 0.91}, state=TrialState.RUNNING, retry_of=0)
     trials = [killed, trial(1, {1: 0.5}), trial(2, {1: 0.6}), retry]
     # Three configs at rung 1, the retry the best: it goes on. Counted with the killed one
     # (four values, a tie broken by the earlier number), it would be paused.
