@@ -44,6 +44,8 @@ services-stop: install
 
 # Against a tracking server (MLFLOW_TRACKING_URI=http://...) the server is the UI.
 # The address printed first shows the study's trials side by side, best first, as charts.
+# One UI worker: one person reads one SQLite file; MLflow's default of four starts four
+# processes that each import MLflow.
 ui: install
 ifneq (,$(filter http://% https://%,$(TRACKING_URI)))
 	@echo "MLflow UI (the tracking server's own): all experiments at"
@@ -54,7 +56,7 @@ else
 	@echo "MLflow UI on http://127.0.0.1:$(PORT) (Ctrl-C to stop)"
 	-@$(BIN)/optimsweep url $(SWEEP) --port $(PORT) 2>/dev/null | sed 's/^/  trials of $(notdir $(SWEEP)): /'
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
-	  $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT)
+	  $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(PORT) --workers 1
 endif
 
 export: data

@@ -15,6 +15,7 @@ if _WORKERS > 1:
 
 import pytest  # noqa: E402
 
+import records  # noqa: E402
 from core_helpers import load_fashion_mnist, make_regression  # noqa: E402
 
 # The MLflow servers the tests start (`mlflow server` for `servers` below and the tests that
@@ -42,6 +43,13 @@ def fashion_tutorial():
 def line():
     """The seed's y = 0.7 x + 0.3 regression task."""
     return make_regression()
+
+
+@pytest.fixture
+def fork_server():
+    """For a test that runs `--workers` in its own process: they fork from this process's
+    one fork server, which must be the tests' own, started with its preload."""
+    return records.fork_server()
 
 
 @pytest.fixture(scope="session")

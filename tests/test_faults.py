@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -163,6 +164,7 @@ def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path, capsys):
     assert len(counted(trials)) == 2 and len(trials) == 3
 
 
+@pytest.mark.usefixtures("fork_server")  # its workers run in this process
 def test_a_killed_worker_is_replaced_by_the_others_and_the_budget_ends_exact(tmp_path, capsys):
     """The worker is what dies, a real process killed by a real SIGKILL; the parent that
     sees it die and has the others finish runs in this process (saving one process start)."""
@@ -767,3 +769,35 @@ def test_a_damaged_mlflow_schema_template_is_replaced_not_copied(tmp_path, monke
     assert second.experiment_id("two") and not template.exists()
     Tracker(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}").experiment_id("three")
     assert template.read_bytes()[:16] == b"SQLite format 3\x00"
+
+
+def test_a_curve_point_is_dated_by_the_check_that_the_trial_was_still_ours(tmp_path,
+                                                                           monkeypatch):
+    """A worker stopped (SIGSTOP, a paused VM) right after checking that its trial is still
+    its own sends that epoch's points when it wakes, maybe after another worker took the
+    trial: they are dated by the check, never later, so the records tell them from a write
+    made after the trial was taken (test_servers stops a real worker; this is the window)."""
+    from optimsweep.records.storage import StudyStorage
+    from optimsweep.records.tracking import Tracker
+
+    checks, writes = [], {}
+    still_running, log_epoch = StudyStorage.still_running, Tracker.log_epoch
+
+    def checked_then_stopped(self, trial_id):
+        mine = still_running(self, trial_id)
+        checks.append(time.time())
+        time.sleep(0.05)
+        return mine
+
+    def logged(self, run_id, stats, *args, **kwargs):
+        writes[stats.epoch] = checks[-1]  # the check the write relies on
+        return log_epoch(self, run_id, stats, *args, **kwargs)
+
+    monkeypatch.setattr(StudyStorage, "still_running", checked_then_stopped)
+    monkeypatch.setattr(Tracker, "log_epoch", logged)
+    spec = load(line_sweep(tmp_path, budget={"n_trials": 1, "epochs": 3}))
+    run_sweep(spec, progress=False)
+    client, (run,) = mlflow_runs(spec, "trial")
+    points = client.get_metric_history(run.info.run_id, "val_loss")
+    assert sorted(p.step for p in points) == [1, 2, 3]
+    assert all(p.timestamp <= writes[p.step] * 1000 for p in points), (points, writes)

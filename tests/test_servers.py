@@ -507,8 +507,10 @@ def test_a_worker_paused_past_the_grace_period_wakes_and_writes_nothing_to_its_t
 
     assert code_b == 0, err_b
     assert code_a == 0 and "Traceback" not in err_a and "error" not in err_a, err_a
-    (note,) = [line for line in err_a.splitlines() if line.strip()]
-    assert note.startswith(f"note: trial {victim.number} was closed by another worker"), err_a
+    lines = [line for line in err_a.splitlines() if line.strip()]
+    assert len(lines) == 1, err_a
+    assert lines[0].startswith(
+        f"note: trial {victim.number} was closed by another worker"), err_a
     # Not one write after it was closed. A request A had begun sending when it was stopped
     # reaches the server when it wakes: only curve points stamped before the stop may.
     after = run_record(client, run_id)

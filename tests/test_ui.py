@@ -32,7 +32,7 @@ def ui(tmp_path):
     mlflow = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
         [str(mlflow), "ui", "--backend-store-uri", spec.tracking_uri, "--host", "127.0.0.1",
-         "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+         "--port", str(port), "--workers", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "ui.log", "w"))
     url = f"http://127.0.0.1:{port}"
     try:

@@ -353,11 +353,11 @@ class Tracker:
             self.client.log_batch(run_id, params=missing)
 
     @store_call
-    def log_epoch(self, run_id: str, stats: EpochStats,
-                  summary: dict[str, float] | None = None) -> None:
+    def log_epoch(self, run_id: str, stats: EpochStats, summary: dict[str, float] | None = None,
+                  stamped: float | None = None) -> None:
         """One report's curve points, and `summary` metrics (best_<metric>, best_epoch) at
-        the same step, in one request."""
-        now = int(time.time() * 1000)
+        the same step, in one request, stamped `stamped` (time.time()) or now."""
+        now = int((stamped or time.time()) * 1000)
         self.client.log_batch(run_id, metrics=_epoch_metrics(stats, now) + [
             Metric(k, float(v), now, stats.epoch) for k, v in (summary or {}).items()])
 

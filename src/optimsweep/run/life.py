@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -357,8 +358,11 @@ def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] 
 
     def on_epoch(stats) -> bool:
         signals.check()  # a Ctrl-C whose first raise Python dropped stops here
+        # Stamped when it was still ours: a process stopped between the check and the
+        # write (SIGSTOP, a VM paused) sends on waking what it was entitled to, dated then.
+        stamped = time.time()
         _check_mine(opened, trial)
-        opened.tracker.log_epoch(member.run_id, stats, best.add(stats))
+        opened.tracker.log_epoch(member.run_id, stats, best.add(stats), stamped)
         value = stats.value(metric)
         if not math.isfinite(value):
             raise DivergedError(stats.epoch, 0, value, what=metric)

@@ -49,7 +49,11 @@ def run_worker(ref: StudyRef, deadline: float | None, n_workers: int,
 
 def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
                 progress: bool) -> None:
-    mp = multiprocessing.get_context("spawn")
+    # Forked from one server that imported the package once: N workers pay for importing
+    # torch, MLflow and Optuna once, not N times. Not plain fork: this process already runs
+    # threads (MLflow's, the heartbeat's) whose locks a fork could copy held.
+    mp = multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload([__name__])
     debug = log.isEnabledFor(logging.DEBUG)
     processes = [mp.Process(target=run_worker, args=(opened.ref, deadline, workers, debug))
                  for _ in range(workers)]
