@@ -45,10 +45,11 @@ def line():
     return make_regression()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def fork_server():
-    """For a test that runs `--workers` in its own process: they fork from this process's
-    one fork server, which must be the tests' own, started with its preload."""
+    """The tests' fork server, started first: `--workers` run in a test's own process fork
+    from this process's one fork server too (records.fork_server). Its imports run in the
+    server while the first tests do."""
     return records.fork_server()
 
 

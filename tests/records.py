@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
@@ -124,8 +125,7 @@ def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str) -> No
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
     if "preloaded" not in sys.modules:  # the server skips a preload that fails to import
-        raise RuntimeError("the fork server did not import tests/preloaded.py (a test that "
-                           "runs --workers in its own process needs the fork_server fixture)")
+        raise RuntimeError("the fork server did not import tests/preloaded.py")
     if env.get("PYTHONFAULTHANDLER"):  # what Python does at start-up with it set
         faulthandler.enable()
     from optimsweep.cli import main
@@ -135,25 +135,21 @@ def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str) -> No
     sys.exit(code)
 
 
-_FORK_SERVER = []
-
-
+@functools.cache
 def fork_server():
     """The multiprocessing context `optimsweep` processes are forked from, its server
     started with PRELOAD on first use. Python has one fork server per process: `--workers`
-    run in this process (run_cli, run_sweep) fork theirs from it too, so a test that does
-    so starts it first (the `fork_server` fixture); else the server would lack PRELOAD."""
-    if not _FORK_SERVER:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
-        # Python 3.11's fork server imports its preload before it takes this process's
-        # sys.path, so it would skip this folder's `preloaded` in silence: it starts with
-        # the folder on PYTHONPATH instead (its children get their own environment).
-        path = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
-        with mock.patch.dict(os.environ, {"PYTHONPATH": path}):
-            forkserver.ensure_running()
-        _FORK_SERVER.append(context)
-    return _FORK_SERVER[0]
+    run in this process (run_cli, run_sweep) fork theirs from it too, so conftest starts
+    it before any test runs; else a test's workers could start it without PRELOAD."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    # Python 3.11's fork server imports its preload before it takes this process's
+    # sys.path, so it would skip this folder's `preloaded` in silence: it starts with the
+    # folder on PYTHONPATH instead (its children get their own environment).
+    path = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+    with mock.patch.dict(os.environ, {"PYTHONPATH": path}):
+        forkserver.ensure_running()
+    return context
 
 
 class CliProcess:

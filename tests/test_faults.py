@@ -164,7 +164,6 @@ def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path, capsys):
     assert len(counted(trials)) == 2 and len(trials) == 3
 
 
-@pytest.mark.usefixtures("fork_server")  # its workers run in this process
 def test_a_killed_worker_is_replaced_by_the_others_and_the_budget_ends_exact(tmp_path, capsys):
     """The worker is what dies, a real process killed by a real SIGKILL; the parent that
     sees it die and has the others finish runs in this process (saving one process start)."""
@@ -750,6 +749,38 @@ def test_sigterm_to_a_sweep_with_workers_closes_every_workers_trial(tmp_path):
     _, _, trials = assert_invariant(spec)
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert len(interrupted) == 2 and len({t.user_attrs["pid"] for t in interrupted}) == 2
+    assert mlflow_runs(spec, "study")[1][0].info.status == "KILLED"
+
+
+def test_sigterm_to_a_sweeps_whole_process_group_is_waited_out_by_its_parent(tmp_path):
+    """systemd, Slurm and `timeout` signal a sweep's whole process group: the workers close
+    their trials while the parent waits for them (the fork server they came from outlives
+    the signal, to pass their exit codes on), and none is left behind when it exits."""
+    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 60})
+    spec = load(path)
+    process = subprocess.Popen([sys.executable, "-m", "optimsweep.cli", "sweep", str(path),
+                                "--workers", "2", "--no-progress"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)  # a group of its own, as a service's
+    try:
+        wait_until(lambda: len([t for t in load_study(spec).trials
+                                if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs])
+                   == 2, timeout=90, what="both workers in a trial")
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    # one line: the workers closed their own trials, none was left to the parent's repair
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == 143 and line.startswith("interrupted: "), err
+    _, _, trials = assert_invariant(spec)
+    workers = {t.user_attrs["pid"] for t in trials if t.user_attrs.get("interrupted")}
+    assert len(workers) == 2
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     assert mlflow_runs(spec, "study")[1][0].info.status == "KILLED"
 
 

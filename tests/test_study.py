@@ -126,7 +126,6 @@ def test_running_again_resumes_without_duplicates(tmp_path):
     assert len(optuna.get_all_study_names(open_storage(spec.storage))) == 1
 
 
-@pytest.mark.usefixtures("fork_server")  # its workers run in this process
 def test_two_workers_finish_a_study_without_losing_or_repeating_trials(tmp_path):
     spec = load(line_sweep(tmp_path, budget={"n_trials": 6, "epochs": 2}))
     run_sweep(spec, workers=2, progress=False)

@@ -110,6 +110,11 @@ def _epoch_metrics(stats: EpochStats, timestamp: int) -> list[Metric]:
             if v is not None]
 
 
+def _millis(at: float | None) -> int:
+    """MLflow's timestamp of `at` (a time.time()), or of now."""
+    return int((time.time() if at is None else at) * 1000)
+
+
 def resolve_tracking_uri(spec_uri: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or DEFAULT_TRACKING_URI
 
@@ -354,10 +359,10 @@ class Tracker:
 
     @store_call
     def log_epoch(self, run_id: str, stats: EpochStats, summary: dict[str, float] | None = None,
-                  stamped: float | None = None) -> None:
+                  at: float | None = None) -> None:
         """One report's curve points, and `summary` metrics (best_<metric>, best_epoch) at
-        the same step, in one request, stamped `stamped` (time.time()) or now."""
-        now = int((stamped or time.time()) * 1000)
+        the same step, in one request, dated `at` (a time.time()) or now."""
+        now = _millis(at)
         self.client.log_batch(run_id, metrics=_epoch_metrics(stats, now) + [
             Metric(k, float(v), now, stats.epoch) for k, v in (summary or {}).items()])
 
@@ -445,9 +450,10 @@ class Tracker:
                                        tracking_uri=self.uri)
 
     @store_call
-    def log_result(self, run_id: str, result: FitResult) -> None:
-        """Final test metrics and the final state_dict (written atomically, then copied)."""
-        now = int(time.time() * 1000)
+    def log_result(self, run_id: str, result: FitResult, at: float | None = None) -> None:
+        """Final test metrics, dated `at` (a time.time()) or now, and the final state_dict
+        (written atomically, then copied)."""
+        now = _millis(at)
         step = len(result.history)
         metrics = [Metric("test_loss", result.test_loss, now, step)]
         if result.test_accuracy is not None:

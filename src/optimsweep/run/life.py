@@ -358,11 +358,8 @@ def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] 
 
     def on_epoch(stats) -> bool:
         signals.check()  # a Ctrl-C whose first raise Python dropped stops here
-        # Stamped when it was still ours: a process stopped between the check and the
-        # write (SIGSTOP, a VM paused) sends on waking what it was entitled to, dated then.
-        stamped = time.time()
-        _check_mine(opened, trial)
-        opened.tracker.log_epoch(member.run_id, stats, best.add(stats), stamped)
+        checked_at = _check_mine(opened, trial)
+        opened.tracker.log_epoch(member.run_id, stats, best.add(stats), at=checked_at)
         value = stats.value(metric)
         if not math.isfinite(value):
             raise DivergedError(stats.epoch, 0, value, what=metric)
@@ -387,12 +384,16 @@ def _on_epoch(opened: OpenStudy, member: _Member, on_report: Callable[[], None] 
     return on_epoch
 
 
-def _check_mine(opened: OpenStudy, trial: optuna.Trial) -> None:
+def _check_mine(opened: OpenStudy, trial: optuna.Trial) -> float:
     """Before writing into a trial or its run: still this process's (one read on a server
     storage, a look at the journal file otherwise)? Raises TrialTaken, or StoreError when
-    the journal was deleted or replaced."""
+    the journal was deleted or replaced. Returns the time.time() to date the writes it
+    allows: a process stopped between the check and a write (SIGSTOP, a paused VM) sends
+    on waking what it was entitled to, dated by the check, not after its stop."""
+    checked_at = time.time()  # taken first: the answer holds from before the read
     if not opened.storage.still_running(trial_id(trial)):
         raise TrialTaken(trial)
+    return checked_at
 
 
 def _trial_write(opened: OpenStudy, trial: optuna.Trial, fn, *args, **kwargs):
@@ -407,8 +408,8 @@ def _trial_write(opened: OpenStudy, trial: optuna.Trial, fn, *args, **kwargs):
 
 
 def _finish(opened: OpenStudy, member: _Member, result) -> None:
-    _check_mine(opened, member.trial)
-    opened.tracker.log_result(member.run_id, result)
+    checked_at = _check_mine(opened, member.trial)
+    opened.tracker.log_result(member.run_id, result, at=checked_at)
     trained = sum(s.seconds for s in result.history[member.found.state.epoch
                                                     if member.found else 0:])
     writes = resume.describe_writes(member.writer, trained)

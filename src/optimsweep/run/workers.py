@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import sys
 import time
 import traceback
+from multiprocessing import forkserver, resource_tracker
 
 import torch
 
@@ -26,6 +28,7 @@ from optimsweep.util.urls import redact_text
 
 log = logging.getLogger("optimsweep")
 WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after SIGTERM
+_SERVER_BLOCKS = {signal.SIGTERM, signal.SIGHUP}  # see _fork_server
 
 
 def run_worker(ref: StudyRef, deadline: float | None, n_workers: int,
@@ -33,6 +36,7 @@ def run_worker(ref: StudyRef, deadline: float | None, n_workers: int,
     """A worker process: its share of the cores, quiet logs, and an exit code that says how
     it ended (0 done, 128+signal interrupted, 3 a store failed)."""
     signals.stop_on_signals(once=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SERVER_BLOCKS)  # the fork server's mask
     quiet(debug)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
     try:
@@ -47,13 +51,28 @@ def run_worker(ref: StudyRef, deadline: float | None, n_workers: int,
         sys.exit(3)
 
 
-def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
-                progress: bool) -> None:
-    # Forked from one server that imported the package once: N workers pay for importing
-    # torch, MLflow and Optuna once, not N times. Not plain fork: this process already runs
-    # threads (MLflow's, the heartbeat's) whose locks a fork could copy held.
+def _fork_server() -> multiprocessing.context.ForkServerContext:
+    """The workers' maker: multiprocessing's fork server, which imports this module once, so
+    N workers pay for importing torch, MLflow and Optuna once, not N times (not plain fork:
+    this process already runs threads, MLflow's and the heartbeat's, whose locks a fork
+    could copy held). It starts with SIGTERM and SIGHUP blocked, and keeps them so: a signal
+    to the whole process group (systemd, Slurm, `timeout`) would kill it, and its parent
+    would then read every worker as ended (exit code 255) while they still close their
+    trials. It ignores SIGINT itself and ends when this process does."""
     mp = multiprocessing.get_context("forkserver")
     mp.set_forkserver_preload([__name__])
+    resource_tracker.ensure_running()  # before the mask: starting it unblocks SIGTERM here
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SERVER_BLOCKS)
+    try:  # blocked, not ignored: one arriving meanwhile reaches this process after
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return mp
+
+
+def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
+                progress: bool) -> None:
+    mp = _fork_server()
     debug = log.isEnabledFor(logging.DEBUG)
     processes = [mp.Process(target=run_worker, args=(opened.ref, deadline, workers, debug))
                  for _ in range(workers)]
@@ -62,9 +81,7 @@ def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
     try:
         bar = Progress(opened.study, opened.spec.name, opened.ref.n_trials,
                        opened.spec.budget) if progress else None
-        # is_alive() reaps a dead worker: ask every one, so none stays a zombie whose pid
-        # still looks alive to the others' stale-trial check.
-        while any([p.is_alive() for p in processes]):
+        while any(p.is_alive() for p in processes):
             time.sleep(0.5)
             signals.check()
             if bar is not None:
