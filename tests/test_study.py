@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 
 import optuna
 import pytest
 import torch
+import yaml
 
 from core_helpers import make_regression
 from optimsweep.core.data import split_digests
@@ -134,6 +136,29 @@ def test_two_workers_finish_a_study_without_losing_or_repeating_trials(tmp_path)
     assert all(t.state.is_finished() for t in trials)
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # really two processes
     assert len({r.info.run_id for r in children}) == 6
+
+
+def test_workers_get_the_environment_of_the_sweep_that_starts_them(tmp_path, monkeypatch):
+    """The workers' fork server was started before this test set LINE_WEIGHT (with the
+    session): a worker still sees it, as a process started anew would."""
+    (tmp_path / "env_line.py").write_text(textwrap.dedent("""
+        import os
+
+        from optimsweep.core.tasks import regression
+
+        def load():
+            return regression(weight=float(os.environ["LINE_WEIGHT"]))
+        """))
+    monkeypatch.setenv("LINE_WEIGHT", "0.7")
+    path = line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 1})
+    doc = yaml.safe_load(path.read_text())
+    del doc["task"]
+    path.write_text(yaml.safe_dump({**doc, "data": {"factory": "env_line:load"}, "loss": "l1"}))
+    spec = load(path)
+    run_sweep(spec, workers=2, progress=False)
+    _, _, trials = assert_invariant(spec)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], [
+        t.user_attrs.get("error") for t in trials]
 
 
 def test_sqlite_storage_is_refused_for_parallel_workers(tmp_path):

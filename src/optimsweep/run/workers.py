@@ -31,12 +31,15 @@ WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after 
 _SERVER_BLOCKS = {signal.SIGTERM, signal.SIGHUP}  # see _fork_server
 
 
-def run_worker(ref: StudyRef, deadline: float | None, n_workers: int,
+def run_worker(ref: StudyRef, deadline: float | None, n_workers: int, environ: dict,
                debug: bool = False) -> None:
-    """A worker process: its share of the cores, quiet logs, and an exit code that says how
-    it ended (0 done, 128+signal interrupted, 3 a store failed)."""
+    """A worker process: its parent's environment (not the fork server's, which is as it
+    was when the server started), its share of the cores, quiet logs, and an exit code
+    that says how it ended (0 done, 128+signal interrupted, 3 a store failed)."""
     signals.stop_on_signals(once=True)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SERVER_BLOCKS)  # the fork server's mask
+    os.environ.clear()
+    os.environ.update(environ)
     quiet(debug)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
     try:
@@ -74,7 +77,8 @@ def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
                 progress: bool) -> None:
     mp = _fork_server()
     debug = log.isEnabledFor(logging.DEBUG)
-    processes = [mp.Process(target=run_worker, args=(opened.ref, deadline, workers, debug))
+    processes = [mp.Process(target=run_worker,
+                            args=(opened.ref, deadline, workers, dict(os.environ), debug))
                  for _ in range(workers)]
     for p in processes:
         p.start()
