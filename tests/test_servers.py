@@ -336,7 +336,8 @@ def test_tracking_server_and_database_restarted_mid_study_lose_nothing(servers, 
     assert code == 0 and "error" not in err, err
 
     client, children, trials = assert_invariant(spec)
-    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, [
+        (t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
     for t in trials:  # every epoch and the weights of every trial made it
         run_id = t.user_attrs["mlflow_run_id"]
         assert len(client.get_metric_history(run_id, "val_loss")) == 5

@@ -28,7 +28,6 @@ from optimsweep.util.urls import redact_text
 
 log = logging.getLogger("optimsweep")
 WORKER_STOP_SECONDS = 60  # how long a worker may take to close its trial after SIGTERM
-_SERVER_BLOCKS = {signal.SIGTERM, signal.SIGHUP}  # see _fork_server
 
 
 def run_worker(ref: StudyRef, deadline: float | None, n_workers: int, environ: dict,
@@ -37,12 +36,13 @@ def run_worker(ref: StudyRef, deadline: float | None, n_workers: int, environ: d
     was when the server started), its share of the cores, quiet logs, and an exit code
     that says how it ended (0 done, 128+signal interrupted, 3 a store failed)."""
     signals.stop_on_signals(once=True)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SERVER_BLOCKS)  # the fork server's mask
-    os.environ.clear()
-    os.environ.update(environ)
-    quiet(debug)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
     try:
+        # The fork server's mask: a SIGTERM that came since the fork is raised here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.environ.clear()
+        os.environ.update(environ)
+        quiet(debug)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
         run_loop(attach(ref), load_sweep_data(ref.spec), deadline=deadline)
     except Interrupted as exc:
         sys.exit(exc.exit_code)
@@ -58,15 +58,17 @@ def _fork_server() -> multiprocessing.context.ForkServerContext:
     """The workers' maker: multiprocessing's fork server, which imports this module once, so
     N workers pay for importing torch, MLflow and Optuna once, not N times (not plain fork:
     this process already runs threads, MLflow's and the heartbeat's, whose locks a fork
-    could copy held). It starts with SIGTERM and SIGHUP blocked, and keeps them so: a signal
-    to the whole process group (systemd, Slurm, `timeout`) would kill it, and its parent
-    would then read every worker as ended (exit code 255) while they still close their
-    trials. It ignores SIGINT itself and ends when this process does."""
+    could copy held). It starts with SIGTERM blocked, and keeps it so: a SIGTERM to the
+    whole process group (systemd, Slurm, `timeout`) would kill it, and its parent would
+    then read every worker as ended (exit code 255) while they still close their trials.
+    It ignores SIGINT itself, and ends once this process and its workers have."""
     mp = multiprocessing.get_context("forkserver")
     mp.set_forkserver_preload([__name__])
     resource_tracker.ensure_running()  # before the mask: starting it unblocks SIGTERM here
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SERVER_BLOCKS)
-    try:  # blocked, not ignored: one arriving meanwhile reaches this process after
+    # This thread's mask, which the server inherits; a SIGTERM meanwhile still reaches
+    # this process, through its other threads.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
