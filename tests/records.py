@@ -223,13 +223,16 @@ def wait_until(predicate, timeout: float = 60, what: str = "the condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def running_trials(spec, with_run: bool = True) -> list:
+    """The RUNNING trials (that already have their MLflow run)."""
+    return [t for t in load_study(spec).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not with_run or "mlflow_run_id" in t.user_attrs]
+
+
 def running_trial(spec, with_run: bool = True):
     """The first RUNNING trial (that already has its MLflow run), or None."""
-    for t in load_study(spec).get_trials(deepcopy=False,
-                                         states=(optuna.trial.TrialState.RUNNING,)):
-        if not with_run or "mlflow_run_id" in t.user_attrs:
-            return t
-    return None
+    return next(iter(running_trials(spec, with_run)), None)
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

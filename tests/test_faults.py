@@ -31,6 +31,7 @@ from records import (
     mlflow_runs,
     run_cli,
     running_trial,
+    running_trials,
     start,
     wait_until,
 )
@@ -741,9 +742,8 @@ def test_sigterm_to_a_sweep_with_workers_closes_every_workers_trial(tmp_path):
     path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 60})
     spec = load(path)
     process = start("sweep", path, "--workers", 2, "--no-progress", cwd=tmp_path)
-    wait_until(lambda: len([t for t in load_study(spec).trials
-                            if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs])
-               == 2, timeout=90, what="both workers in a trial")
+    wait_until(lambda: len(running_trials(spec)) == 2, timeout=90,
+               what="both workers in a trial")
     process.send_signal(signal.SIGTERM)
     code, _, err = finish(process)
     assert code == 143 and "Traceback" not in err
@@ -764,9 +764,8 @@ def test_sigterm_to_a_sweeps_whole_process_group_is_waited_out_by_its_parent(tmp
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)  # a group of its own, as a service's
     try:
-        wait_until(lambda: len([t for t in load_study(spec).trials
-                                if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs])
-                   == 2, timeout=90, what="both workers in a trial")
+        wait_until(lambda: len(running_trials(spec)) == 2, timeout=90,
+                   what="both workers in a trial")
         os.killpg(process.pid, signal.SIGTERM)
         _, err = process.communicate(timeout=120)
     finally:

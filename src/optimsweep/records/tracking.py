@@ -110,7 +110,7 @@ def _epoch_metrics(stats: EpochStats, timestamp: int) -> list[Metric]:
             if v is not None]
 
 
-def _millis(at: float | None) -> int:
+def _millis(at: float | None = None) -> int:
     """MLflow's timestamp of `at` (a time.time()), or of now."""
     return int((time.time() if at is None else at) * 1000)
 
@@ -369,7 +369,7 @@ class Tracker:
     @store_call
     def log_steps(self, run_id: str, by_step: dict[int, dict[str, float]]) -> None:
         """Metrics at several steps (the summary of a curve a resumed run continues)."""
-        now = int(time.time() * 1000)
+        now = _millis()
         metrics = [Metric(k, float(v), now, step) for step, values in by_step.items()
                    for k, v in values.items()]
         for start in range(0, len(metrics), _BATCH_METRICS):
@@ -412,7 +412,7 @@ class Tracker:
     def log_epochs(self, run_id: str, history: list[EpochStats]) -> None:
         """The curve a resumed run continues: the epochs its checkpoint holds, in as few
         requests as MLflow's batch limit allows."""
-        now = int(time.time() * 1000)
+        now = _millis()
         metrics = [m for stats in history for m in _epoch_metrics(stats, now)]
         for start in range(0, len(metrics), _BATCH_METRICS):
             self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH_METRICS])
@@ -528,7 +528,7 @@ class Tracker:
     @store_call
     def log_summary(self, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
         """A study's counts and best trial, on its parent run."""
-        now = int(time.time() * 1000)
+        now = _millis()
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                               tags=[RunTag(k, v) for k, v in tags.items()])
 
