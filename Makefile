@@ -81,10 +81,10 @@ train: data
 	$(BIN)/optimsweep train $(ARGS)
 
 # Tests in parallel workers, one per core (conftest.py gives each its share of torch's
-# threads); the server tests share one worker and one set of servers.
+# threads, and sends the server tests to one worker, which alone starts the servers).
 TEST_WORKERS ?= auto
 test: data browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 # Trials per hour: fused against sequential, fp32 against bf16, Adam against SGD, the default
 # study end to end (about 15 minutes on 2 cores), then what checkpoints cost a trial (5-10

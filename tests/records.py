@@ -108,12 +108,15 @@ PRELOAD = ["optimsweep.cli", "optimsweep.run.runner", "optimsweep.run.study",
 HERE = str(Path(__file__).parent)
 
 
-def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
-    """The body of a forked `optimsweep ARGV`: its own folder, environment and output
-    files, then the command line's own main, exit code and exit handlers."""
+def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str,
+                 script: str | None = None) -> None:
+    """The body of a forked `optimsweep ARGV` (or `python SCRIPT ARGV`): its own folder,
+    environment and output files, then the command line's own main (or the script as
+    `__main__`), exit code and exit handlers."""
     import atexit
     import faulthandler
     import io
+    import runpy
 
     os.chdir(cwd)
     os.environ.clear()
@@ -128,9 +131,18 @@ def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str) -> No
         raise RuntimeError("the fork server did not import tests/preloaded.py")
     if env.get("PYTHONFAULTHANDLER"):  # what Python does at start-up with it set
         faulthandler.enable()
-    from optimsweep.cli import main
+    if script is None:
+        from optimsweep.cli import main
 
-    code = main(argv)
+        code = main(argv)
+    else:  # as `python SCRIPT ARGV` runs it: its folder first on the path
+        sys.argv = [script, *argv]
+        sys.path.insert(0, os.path.dirname(script))
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
     atexit._run_exitfuncs()  # multiprocessing ends its children with os._exit
     sys.exit(code)
 
@@ -153,17 +165,18 @@ def fork_server():
 
 
 class CliProcess:
-    """`optimsweep ARGS` in a real process of its own (its pid takes real signals; its exit
-    code and output are its own), forked from a server that imported the package once
-    instead of starting Python anew: the Popen calls the tests use."""
+    """`optimsweep ARGS` (or `python SCRIPT ARGS`) in a real process of its own (its pid
+    takes real signals; its exit code and output are its own), forked from a server that
+    imported the package once instead of starting Python anew: the Popen calls the tests
+    use."""
 
-    def __init__(self, argv: list[str], cwd: Path, env: dict):
+    def __init__(self, argv: list[str], cwd: Path, env: dict, script: str | None = None):
         context = fork_server()
-        self.args = ["optimsweep", *argv]
+        self.args = [script or "optimsweep", *argv]
         self._files = tempfile.mkdtemp(prefix="optimsweep-cli-")
         self._out, self._err = (os.path.join(self._files, n) for n in ("stdout", "stderr"))
         self._process = context.Process(
-            target=_cli_process, args=(argv, str(cwd), env, self._out, self._err))
+            target=_cli_process, args=(argv, str(cwd), env, self._out, self._err, script))
         self._process.start()
         self.pid = self._process.pid
 

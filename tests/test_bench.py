@@ -3,17 +3,23 @@ run and report."""
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from records import CliProcess, finish
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def run(script: str, *args: str) -> str:
-    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
-                          capture_output=True, text=True, timeout=300, check=True).stdout
+    """`python benchmarks/SCRIPT ARGS`, forked from the tests' server that has imported
+    torch, Optuna and MLflow already (the processes each script starts are new Pythons, as
+    the benchmark measures them)."""
+    process = CliProcess(list(args), BENCHMARKS, dict(os.environ), script=str(BENCHMARKS / script))
+    code, out, err = finish(process, timeout=300)
+    assert code == 0, err
+    return out
 
 
 def test_bench_sweep_prints_the_machine_and_each_variants_ratio():

@@ -35,10 +35,8 @@ from records import (
     wait_until,
 )
 
-# One PostgreSQL and one MLflow server for all these tests: `make test`'s parallel workers
-# run them in one worker, which alone starts the servers.
-pytestmark = pytest.mark.xdist_group("servers")
-
+# One PostgreSQL and one MLflow server for all these tests (`servers` in conftest): `make
+# test`'s parallel workers run them in one worker (conftest), which alone starts them.
 TrialState = optuna.trial.TrialState
 
 
