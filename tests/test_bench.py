@@ -7,16 +7,18 @@ import os
 import re
 from pathlib import Path
 
-from records import CliProcess, finish
+from records import DATA, CliProcess, finish
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+ROOT = Path(__file__).parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def run(script: str, *args: str) -> str:
     """`python benchmarks/SCRIPT ARGS`, forked from the tests' server that has imported
     torch, Optuna and MLflow already (the processes each script starts are new Pythons, as
     the benchmark measures them)."""
-    process = CliProcess(list(args), BENCHMARKS, dict(os.environ), script=str(BENCHMARKS / script))
+    process = CliProcess(list(args), ROOT, {**os.environ, "OPTIMSWEEP_DATA": str(DATA)},
+                         script=str(BENCHMARKS / script))
     code, out, err = finish(process, timeout=300)
     assert code == 0, err
     return out
