@@ -27,13 +27,15 @@ from core_helpers import load_fashion_mnist, make_regression  # noqa: E402
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
+SERVER_TESTS = "tests/test_servers.py"
+
+
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s workers take the tests one by one, but test_servers.py's as one unit,
     first (the largest unit goes first): one worker starts one PostgreSQL and one MLflow
     server for all of them, instead of each worker its own (about 20 CPU seconds a start:
-    MLflow's imports and migrations), and the tests that restart those servers never do it
-    under another test. xdist's `--dist loadgroup` and an `xdist_group` mark would say
-    this, but with pytest 9.2 they group nothing (pytest-xdist issue 1386)."""
+    MLflow's imports and migrations). xdist's `--dist loadgroup` and an `xdist_group` mark
+    would say this, but with pytest 9.2 they group nothing (pytest-xdist issue 1386)."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ServerTestsTogether(LoadScopeScheduling):
@@ -41,9 +43,6 @@ def pytest_xdist_make_scheduler(config, log):
             return SERVER_TESTS if nodeid.startswith(f"{SERVER_TESTS}::") else nodeid
 
     return ServerTestsTogether(config, log)
-
-
-SERVER_TESTS = "tests/test_servers.py"
 
 
 @pytest.fixture(scope="session")
