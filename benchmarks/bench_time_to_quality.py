@@ -41,8 +41,8 @@ per seed): --train-subset, --val-size, --epochs, --n-trials and --timeout scale 
 Wall times are only comparable on an otherwise idle machine.
 
 Usage: python benchmarks/bench_time_to_quality.py [--seeds 0,1,2]
-       [--variants median,sh,asha,peer] [--train-subset N] [--val-size N] [--epochs N]
-       [--n-trials N] [--timeout S] [--out DIR]
+       [--variants median,sh,asha,peer] [--first-seed-only median,peer] [--train-subset N]
+       [--val-size N] [--epochs N] [--n-trials N] [--timeout S] [--out DIR]
 """
 
 from __future__ import annotations
@@ -241,8 +241,30 @@ def print_medians(tables: list[dict[str, dict]]) -> None:
             values = [t[variant][name] for t in tables
                       if variant in t and t[variant][name] is not None]
             cells.append(f"{name} {fmt(statistics.median(values) if values else None, '.2f', 5)}")
-        hits = sum(t[variant]["to_target"] is not None for t in tables if variant in t)
-        print(f"  {variant:<7} " + "  ".join(cells) + f"  target reached in {hits}/{len(tables)}")
+        ran = [t for t in tables if variant in t]
+        hits = sum(t[variant]["to_target"] is not None for t in ran)
+        print(f"  {variant:<7} " + "  ".join(cells) + f"  target reached in {hits}/{len(ran)}")
+
+
+def best_at(run: dict, seconds: float) -> dict | None:
+    """The timeline's last point at or before `seconds` that has a COMPLETE best."""
+    points = [p for p in run["timeline"] if p["t"] <= seconds and p["best_val"] is not None]
+    return points[-1] if points else None
+
+
+def print_equal_time(seed: int, runs: list[dict]) -> None:
+    """Each optimsweep variant's best so far when the shortest of them ended: the forms
+    compared at equal time, not each at its own end."""
+    ours = [r for r in runs if r["seed"] == seed and r["variant"] != "peer"]
+    if len(ours) < 2:
+        return
+    at = min(r["wall"] for r in ours)
+    cells = []
+    for run in ours:
+        point = best_at(run, at)
+        cells.append(f"{run['variant']} " + ("-" if point is None else
+                                            f"{point['best_val']:.2%} / {point['best_test']:.2%}"))
+    print(f"  at {at:.0f} s (the shortest run's end), best val / its test: " + "; ".join(cells))
 
 
 # Line styles as well as colours: variants that found the same trials overlap.
@@ -307,6 +329,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="median,sh,asha,peer")
+    parser.add_argument("--first-seed-only", default="", metavar="VARIANTS",
+                        help="of --variants, those run for the first seed only (the slow "
+                             "references: median and peer take 15 and 30 minutes a seed)")
     parser.add_argument("--train-subset", type=int, default=None, help="training images kept")
     parser.add_argument("--val-size", type=int, default=None, help="validation images")
     parser.add_argument("--epochs", type=int, default=None, help="per trial")
@@ -316,7 +341,8 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
+    first_only = [v for v in args.first_seed_only.split(",") if v]
+    unknown = (set(variants) | set(first_only)) - set(VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join(VARIANTS)}")
@@ -331,6 +357,8 @@ def main() -> None:
     for seed in seeds:
         rows, errors = {}, {}
         for variant in variants:
+            if variant in first_only and seed != seeds[0]:
+                continue
             run = one_run(variant, seed, doc)
             runs.append(run)
             rows[variant] = dict(run["summary"])
@@ -339,6 +367,7 @@ def main() -> None:
         add_ratios(rows)
         tables.append(rows)
         print_table(seed, rows, errors)
+        print_equal_time(seed, runs)
     if len(seeds) > 1:
         print_medians(tables)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ at the study's end the trials still paused are closed as pruned at their rung.""
 
 from __future__ import annotations
 
+import itertools
 import signal
 
 import pytest
@@ -35,6 +36,11 @@ NINE = {"pruner": ASHA, "budget": {"n_trials": 9, "epochs": 9},
         "search_space": {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
                          "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-1, "log": True}}}
 
+# Every trial the same config: their values tie, the earlier trial ranks first, and which
+# trial pauses and which is promoted is known in advance.
+ONE_CONFIG = {"optimizer": {"type": "categorical", "choices": ["adam"]},
+              "lr": {"type": "categorical", "choices": [3.0e-3]}}
+
 
 @pytest.fixture(autouse=True)
 def in_tmp_path(tmp_path, monkeypatch):
@@ -47,6 +53,7 @@ def trial(number: int, values: dict[int, float], paused_at: int | None = None,
     if state is None:
         state = TrialState.WAITING if paused_at is not None else TrialState.PRUNED
     made = create_trial(state=state, params={"lr": 0.1}, intermediate_values=values,
+                        value=values[max(values)] if state == TrialState.COMPLETE else None,
                         distributions={"lr": FloatDistribution(0.01, 1)},
                         user_attrs={**({"paused_at": paused_at} if paused_at else {}), **attrs})
     made.number = number
@@ -56,15 +63,39 @@ def trial(number: int, values: dict[int, float], paused_at: int | None = None,
 def test_rungs_and_the_top_third_of_a_rung():
     asha = Asha(min_resource=1, reduction_factor=3)
     assert asha.rungs(9) == [1, 3] and asha.rungs(27) == [1, 3, 9] and asha.rungs(1) == []
-    first = [trial(0, {1: 0.5}, paused_at=1), trial(1, {1: 0.7}, paused_at=1)]
-    assert asha.promotable(first, maximize=True) is None  # 2 trials: the top third is empty
-    third = [*first, trial(2, {1: 0.6}, paused_at=1)]
+    # Fewer than η trials at a rung: the best of them goes on, the others wait.
+    first = [trial(0, {1: 0.5}), trial(1, {1: 0.7}, paused_at=1)]
+    assert asha.keeps_going(first[:1], 0, 1, maximize=True)  # alone there: the best
+    assert not asha.keeps_going(first, 0, 1, maximize=True)
+    assert asha.promotable(first, maximize=True).number == 1
+    assert asha.promotable(first, maximize=False) is None  # val_loss: 0 went on, 1 is worse
+    third = [trial(0, {1: 0.5}, paused_at=1), trial(1, {1: 0.7}, paused_at=1),
+             trial(2, {1: 0.6}, paused_at=1)]
     assert asha.promotable(third, maximize=True).number == 1
     assert asha.promotable(third, maximize=False).number == 0  # val_loss: lower is better
     assert not asha.keeps_going(third, 2, 1, maximize=True)
+    # Five: still one in the top third (⌊5/3⌋), the sixth makes it two.
+    five = [*third, trial(3, {1: 0.4}), trial(4, {1: 0.3})]
+    assert asha.keeps_going(five, 1, 1, maximize=True)
+    assert not asha.keeps_going(five, 2, 1, maximize=True)
+    assert asha.keeps_going([*five, trial(5, {1: 0.2})], 2, 1, maximize=True)
     # A trial paused at a higher rung is promoted first.
     higher = [trial(n, {1: 0.9, 3: 0.9 - n / 10}, paused_at=3) for n in (3, 4, 5)]
     assert asha.promotable(third + higher, maximize=True).number == 3
+
+
+def test_the_leader_of_the_top_rung_is_finished_when_every_trial_beyond_it_failed():
+    """At the study's end, the best paused at the highest rung goes on if nothing that went
+    beyond that rung finished or still runs: a study ends with a config trained whole."""
+    asha = Asha(min_resource=1, reduction_factor=3)
+    diverged = trial(0, {1: 0.9, 3: 0.9, 5: 0.9}, state=TrialState.FAIL)
+    paused = [trial(1, {1: 0.8, 3: 0.7}, paused_at=3), trial(2, {1: 0.85, 3: 0.8}, paused_at=3),
+              trial(3, {1: 0.5}, paused_at=1)]
+    assert asha.leader([diverged, *paused], maximize=True).number == 2
+    assert asha.leader([diverged, *paused], maximize=False).number == 1
+    finished = trial(0, {1: 0.9, 3: 0.9, 5: 0.9}, state=TrialState.COMPLETE)
+    assert asha.leader([finished, *paused], maximize=True) is None
+    assert asha.leader([diverged], maximize=True) is None  # nothing paused
 
 
 def test_a_retry_is_judged_at_its_rungs_once_and_its_interrupted_trial_not_at_all():
@@ -116,9 +147,12 @@ def test_paused_trials_are_promoted_and_go_on_in_the_same_run(tmp_path, capsys):
         if t.state == TrialState.PRUNED:  # stopped at a rung: which one, on the run
             assert run.data.tags["optimsweep.rung"] in ("0 (epoch 1)", "1 (epoch 3)")
             assert len(steps) in (1, 3)
-    # Every rung kept its top third going: 9 reached epoch 1, 3 epoch 3, 1 the end.
+    # Every rung kept its top third going, and, while fewer than 3 trials had reached it,
+    # the best of them: trial 0, the first at each rung, trained all 9 epochs.
     reached = [sum(step in t.intermediate_values for t in trials) for step in (1, 3, 9)]
-    assert reached == [9, 3, 1]
+    assert reached[0] == 9 and len(trials[0].intermediate_values) == 9
+    for arrived, went_on in itertools.pairwise(reached):  # and the best of the first two
+        assert arrived // 3 <= went_on <= arrived // 3 + 2, reached
     promotions = sum(t.user_attrs.get("promotions", 0) for t in trials)
     stopped = sum(t.state == TrialState.PRUNED for t in trials)
     assert f"{stopped} pruned ({stopped} of them paused at a rung" in out
@@ -136,18 +170,18 @@ def test_paused_trials_are_promoted_and_go_on_in_the_same_run(tmp_path, capsys):
 
 def test_a_sweep_cut_short_leaves_trials_paused_and_the_next_run_promotes_them(tmp_path,
                                                                               capsys):
-    """Two of nine trials: neither is in the top third of its rung, so both pause; the
-    better one goes on to the end all the same (a sweep ends with a winner to export), the
-    other waits for the next sweep."""
-    path = fashion_sweep(tmp_path, **NINE)
+    """Two of nine trials: the first, alone at each rung, trains to the end; the second,
+    worse at epoch 1, pauses there and waits for the next sweep."""
+    path = fashion_sweep(tmp_path, **NINE, baseline=[{"optimizer": "adam", "lr": 3.0e-3},
+                                                     {"optimizer": "sgd", "lr": 1.0e-4}])
     spec = load_spec(path)
     code, out, err = run_cli(capsys, "sweep", path, "--no-progress", "--n-trials", "2")
     assert code == 0, err
     trials = assert_invariant(spec, n_trials=2)[2]
     (paused,) = [t for t in trials if t.state == TrialState.WAITING]
-    (leader,) = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert leader.user_attrs["leader"] and len(leader.intermediate_values) == 9
-    assert leader.intermediate_values[1] >= paused.intermediate_values[1]
+    (first,) = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert first.number == 0 and len(first.intermediate_values) == 9
+    assert paused.number == 1 and paused.user_attrs["paused_at"] == 1
     assert "1 paused" in out  # not the study's end: still promotable
     client, runs = mlflow_runs(spec, "trial")
     assert sorted((r.info.status, r.data.tags["optimsweep.state"]) for r in runs) == \
@@ -182,30 +216,37 @@ def test_a_promoted_trial_killed_mid_way_is_retried_from_its_checkpoint(tmp_path
 
 def test_rungs_within_an_epoch_pause_and_resume_mid_epoch_exactly(tmp_path, capsys):
     # 1k images at batch 128: 8 batches an epoch, 4 reports of 2 batches; rungs at 1/4,
-    # 3/4 and 2 1/4 epochs, each within an epoch. The top rung never fills (9 trials):
-    # its leader is finished when the budget is used up.
+    # 3/4 and 2 1/4 epochs, each within an epoch. Nine trials of one config: every value
+    # ties, so the earlier trial ranks first and each decision is known in advance.
     path = fashion_sweep(tmp_path, **{**NINE, "budget": {"n_trials": 9, "epochs": 3,
-                                                         "report_every": 0.25}},
+                                                         "report_every": 0.25},
+                                      "search_space": ONE_CONFIG},
                          fixed={"batch_size": 128})
     spec = load_spec(path)
     code, out, err = run_cli(capsys, "sweep", path, "--no-progress")
     assert code == 0, err
     client, runs, trials = assert_invariant(spec)
-    assert "paused at epoch 0.25" in err
-    (winner,) = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert sorted(winner.intermediate_values) == list(range(1, 13))
-    assert winner.user_attrs["promotions"] >= 1
-    run_id = winner.user_attrs["mlflow_run_id"]
-    epochs = client.get_metric_history(run_id, "epoch")
+    # Trial 0, first at every rung, trains to the end. At 1/4 epoch the others pause; the
+    # sixth arrival makes the top third two (trial 1 promoted), the ninth three (trial 2);
+    # each then pauses at 3/4 epoch, behind trial 0.
+    assert [(t.state, len(t.intermediate_values), t.user_attrs.get("promotions", 0))
+            for t in trials] == [(TrialState.COMPLETE, 12, 0)] + \
+        [(TrialState.PRUNED, 3, 1)] * 2 + [(TrialState.PRUNED, 1, 0)] * 6
+    assert "paused at epoch 0.25" in err and "paused at epoch 0.75" in err
+    epochs = client.get_metric_history(trials[0].user_attrs["mlflow_run_id"], "epoch")
     assert [(m.step, m.value) for m in epochs] == [(s, s / 4) for s in range(1, 13)]
-    # Stopped and resumed between parts of epochs: the weights of one straight run.
-    saved = load_state_dict(client.download_artifacts(run_id, "state_dict.pt", str(tmp_path)))
-    config = config_from_params(spec.base_config(), winner.params)
-    straight = train.fit(config, train.load_data(config)).model.state_dict()
-    assert all(torch.equal(saved[k], v) for k, v in straight.items())
-    pruned = {runs_tag for runs_tag in (r.data.tags.get("optimsweep.rung") for r in runs)
-              if runs_tag}
-    assert pruned <= {"0 (epoch 0.25)", "1 (epoch 0.75)", "2 (epoch 2.25)"}
+    # Stopped after 2 batches and resumed at the third: the weights of one straight run.
+    config = config_from_params(spec.base_config(), trials[1].params)
+    (straight,) = train.fit_group([config], train.load_data(config),
+                                  [lambda stats: stats.epoch >= 3], reports_per_epoch=4)
+    straight = straight.model.state_dict()
+    for t in trials[1:3]:
+        assert t.user_attrs["paused_at"] == 3
+        saved = load_state_dict(client.download_artifacts(
+            t.user_attrs["mlflow_run_id"], "state_dict.pt", str(tmp_path / str(t.number))))
+        assert all(torch.equal(saved[k], v) for k, v in straight.items())
+    rungs = sorted(r.data.tags.get("optimsweep.rung", "") for r in runs)
+    assert rungs == [""] + ["0 (epoch 0.25)"] * 6 + ["1 (epoch 0.75)"] * 2
 
 
 def test_report_every_must_divide_an_epoch(tmp_path, capsys):
@@ -215,14 +256,18 @@ def test_report_every_must_divide_an_epoch(tmp_path, capsys):
 
 
 def test_fused_trials_pause_and_are_promoted_one_by_one(tmp_path, capsys):
-    path = fashion_sweep(tmp_path, **NINE, fuse=3)
+    path = fashion_sweep(tmp_path, **{**NINE, "search_space": ONE_CONFIG}, fuse=3)
     spec = load_spec(path)
     code, out, err = run_cli(capsys, "sweep", path, "--no-progress")
     assert code == 0, err
     client, runs, trials = assert_invariant(spec)
-    assert len(trials) == 9 and "promoted, goes on from epoch" in err
+    # Groups of three: trial 0 goes on alone; the sixth and ninth arrivals at epoch 1 let
+    # trials 1 and 2 be promoted, each by itself, to pause again at epoch 3 behind trial 0.
+    assert [(t.state, len(t.intermediate_values), t.user_attrs.get("promotions", 0))
+            for t in trials] == [(TrialState.COMPLETE, 9, 0)] + \
+        [(TrialState.PRUNED, 3, 1)] * 2 + [(TrialState.PRUNED, 1, 0)] * 6
+    assert err.count("promoted, goes on from epoch") == 2
     assert {r.data.tags["optimsweep.fused"] for r in runs} >= {"3"}
-    assert any(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:
         history = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")
         assert [m.step for m in history] == sorted(t.intermediate_values)

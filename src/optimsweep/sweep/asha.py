@@ -2,8 +2,9 @@
 Parallel Hyperparameter Tuning", MLSys 2020): `pruner: {name: asha, ...}` in a sweep file.
 
 Rungs lie at `min_resource * reduction_factor**k` reports. A trial that reaches a rung goes
-on while it stands in the top 1/η of every trial that reached that rung so far; otherwise it
-is paused there with its checkpoint, not killed. Whenever a worker is free it first promotes
+on while it stands in the top 1/η of every trial that reached that rung so far (while fewer
+than η did, when it is the best of them); otherwise it is paused there with its checkpoint,
+not killed. Whenever a worker is free it first promotes
 the paused trial that now stands in the top 1/η of its rung (the highest rung first), else
 starts a new configuration. Nothing waits for a rung to fill. When the budget is used up and
 nothing runs, the leader of the highest rung reached is finished if nobody went beyond it
@@ -55,7 +56,7 @@ class Asha:
     def keeps_going(self, trials: list[optuna.trial.FrozenTrial], number: int, step: int,
                     maximize: bool) -> bool:
         """True when trial `number` stands in the top 1/η of every trial that reached the
-        rung at `step` (itself included)."""
+        rung at `step` (itself included), or is the best of fewer than η."""
         return number in self._top(trials, step, maximize)
 
     def promotable(self, trials: list[optuna.trial.FrozenTrial], maximize: bool
@@ -97,8 +98,15 @@ class Asha:
     def _top(self, trials: list[optuna.trial.FrozenTrial], step: int,
              maximize: bool) -> list[int]:
         """The numbers of the top ⌊n/η⌋ of the n trials with a value at `step`, best first
-        (ties: the earlier trial). An interrupted trial's values are its retry's."""
+        (ties: the earlier trial); while fewer than η reached it, the best of them. An
+        interrupted trial's values are its retry's.
+
+        The best of fewer than η goes on as in Optuna's successive halving (Li et al.'s
+        promotion form would pause it: ⌊n/η⌋ is 0). Strictly, the first trial to train its
+        whole budget could only leave the top rung once η trials reached it, η² the rung
+        below and so on: with 30 trials of 15 epochs at η = 3, near the study's end, so a
+        user waited the whole study for a first finished model."""
         reached = [(t.intermediate_values[step], t.number) for t in trials
                    if step in t.intermediate_values and not t.user_attrs.get(Attr.INTERRUPTED)]
         reached.sort(key=lambda vn: (-vn[0] if maximize else vn[0], vn[1]))
-        return [n for _, n in reached[:len(reached) // self.reduction_factor]]
+        return [n for _, n in reached[:max(len(reached) // self.reduction_factor, 1)]]
