@@ -89,9 +89,9 @@ test: data browser
 # Trials per hour: fused against sequential, fp32 against bf16, Adam against SGD, the default
 # study end to end (about 15 minutes on 2 cores), then what checkpoints cost a trial (5-10
 # minutes more; alone: bench-checkpoints, ARGS to it), then time to quality: the default study
-# with its median pruner, successive halving, ASHA and a hand-written Optuna peer, 3 seeds
-# (about 15 minutes per variant per seed at full scale; alone: bench-quality, ARGS to it, e.g.
-# ARGS="--train-subset 2000 --val-size 1000 --epochs 3 --n-trials 6 --seeds 0").
+# with its median pruner and a hand-written Optuna peer for seed 0, Optuna's successive halving
+# and ASHA for seeds 0, 1 and 2 (about 100 minutes at full scale; alone: bench-quality, ARGS to
+# it, e.g. ARGS="--train-subset 2000 --val-size 1000 --epochs 3 --n-trials 6 --seeds 0").
 # bench-core: the core against the tutorial.
 bench: data
 	$(BIN)/python benchmarks/bench_sweep.py $(ARGS)

@@ -36,13 +36,15 @@ the README can embed the plot): time_to_quality.png, best validation accuracy so
 elapsed seconds (one panel per seed, one line per variant; its title states the scale), and
 time_to_quality.json, every run's trials, timeline, summary and the end of its output.
 
-The full default study takes about 15 minutes per variant per seed on a 2-core CPU (an hour
-per seed): --train-subset, --val-size, --epochs, --n-trials and --timeout scale it down.
-Wall times are only comparable on an otherwise idle machine.
+On a 2-core CPU the full default study takes 7 to 15 minutes per variant per seed, the peer
+30: by default the slow references (median and peer) run for the first seed only and the
+two forms of successive halving for every seed, about 100 minutes in all. --train-subset,
+--val-size, --epochs, --n-trials and --timeout scale it down. Wall times are only
+comparable on an otherwise idle machine.
 
 Usage: python benchmarks/bench_time_to_quality.py [--seeds 0,1,2]
        [--variants median,sh,asha,peer] [--first-seed-only median,peer] [--train-subset N]
-       [--val-size N] [--epochs N] [--n-trials N] [--timeout S] [--out DIR]
+       [--val-size N] [--epochs N] [--n-trials N] [--timeout S (3600)] [--out DIR]
 """
 
 from __future__ import annotations
@@ -329,14 +331,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="median,sh,asha,peer")
-    parser.add_argument("--first-seed-only", default="", metavar="VARIANTS",
+    parser.add_argument("--first-seed-only", default="median,peer", metavar="VARIANTS",
                         help="of --variants, those run for the first seed only (the slow "
-                             "references: median and peer take 15 and 30 minutes a seed)")
+                             "references: 15 and 30 minutes a seed); '' runs all for each")
     parser.add_argument("--train-subset", type=int, default=None, help="training images kept")
     parser.add_argument("--val-size", type=int, default=None, help="validation images")
     parser.add_argument("--epochs", type=int, default=None, help="per trial")
     parser.add_argument("--n-trials", type=int, default=None, help="per study")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per study")
+    parser.add_argument("--timeout", type=float, default=3600,
+                        help="seconds per study (the file's 900 would cut the median "
+                             "pruner's study short)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]

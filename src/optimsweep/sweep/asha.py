@@ -4,12 +4,12 @@ Parallel Hyperparameter Tuning", MLSys 2020): `pruner: {name: asha, ...}` in a s
 Rungs lie at `min_resource * reduction_factor**k` reports. A trial that reaches a rung goes
 on while it stands in the top 1/η of every trial that reached that rung so far (while fewer
 than η did, when it is the best of them); otherwise it is paused there with its checkpoint,
-not killed. Whenever a worker is free it first promotes
-the paused trial that now stands in the top 1/η of its rung (the highest rung first), else
-starts a new configuration. Nothing waits for a rung to fill. When the budget is used up and
-nothing runs, the leader of the highest rung reached is finished if nobody went beyond it
-(`leader`); the rest stay pruned at their rungs. Optuna's own
-`SuccessiveHalvingPruner` is the stopping form: it kills what this pauses.
+not killed. Whenever a worker is free it first promotes the paused trial that now stands in
+the top 1/η of its rung (the highest rung first), else starts a new configuration. Nothing
+waits for a rung to fill. When the budget is used up and nothing runs, the leader of the
+highest rung reached is finished if nothing that went beyond it finished (`leader`); the
+rest stay pruned at their rungs. Optuna's own `SuccessiveHalvingPruner` is the stopping
+form: it kills what this pauses.
 
 Everything here reads a study's trials (their intermediate values and user attributes), so
 every process on every host takes the same decision from the same records; the claim (which
@@ -81,9 +81,10 @@ class Asha:
                ) -> optuna.trial.FrozenTrial | None:
         """At the study's end, the paused trial to finish anyway: the best at the highest
         rung any trial is paused at, when no trial went beyond that rung and finished (or
-        still runs). Without it a study whose top rung never filled (fewer than η trials
-        reached it), or whose trials beyond it failed, would end with no configuration
-        trained on its whole budget. The leader goes on to the end (Attr.LEADER)."""
+        still runs). Without it a study whose trials beyond that rung all failed (or one
+        paused before the first arrivals at a rung went on, when ⌊n/η⌋ paused them all)
+        would end with no configuration trained on its whole budget. The leader goes on to
+        the end (Attr.LEADER)."""
         paused = [t for t in trials if is_paused(t)]
         if not paused:
             return None
