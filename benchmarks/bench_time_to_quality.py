@@ -31,6 +31,7 @@ Printed, per seed and variant: wall seconds, trial-epochs, trials finished, the 
 validation accuracy and its test accuracy; the time until the best-on-validation config had
 a test accuracy of at least TARGET (89.5%) and its ratio to the peer's; the time at which
 the best so far reached its final value; ratios against the median variant of the same seed;
+each optimsweep variant's best when the shortest of them ended (the forms at equal time);
 then the median of those per-seed ratios. Written into --out (default: benchmarks/, where
 the README can embed the plot): time_to_quality.png, best validation accuracy so far against
 elapsed seconds (one panel per seed, one line per variant; its title states the scale), and
