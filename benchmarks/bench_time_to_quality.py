@@ -347,10 +347,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     first_only = [v for v in args.first_seed_only.split(",") if v]
-    unknown = (set(variants) | set(first_only)) - set(VARIANTS)
-    if unknown:
-        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from "
-                     f"{', '.join(VARIANTS)}")
+    for flag, given in (("--variants", variants), ("--first-seed-only", first_only)):
+        unknown = set(given) - set(VARIANTS)
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(VARIANTS)}")
     doc = study_doc(args)
     print(machine(torch.device("cpu")))
     print(f"\ntime to quality of {DEFAULT_STUDY.name}: {scale_text(doc)}; target: test "
