@@ -1,7 +1,7 @@
 """The package's shape, as a newcomer reads it: dependencies point one way (command line →
 running a study → {sweep files, records, training core} → small utilities), no import
-circles (imports inside functions counted, `TYPE_CHECKING` ones not), and every private
-Optuna name in one module."""
+circles (imports inside functions counted, `TYPE_CHECKING` ones not), every private
+Optuna name in one module, and the README's Layout naming every module where it lives."""
 
 from __future__ import annotations
 
@@ -115,3 +115,22 @@ def test_the_import_strings_the_readme_gives_for_built_ins_resolve():
 
     assert resolve("optimsweep.tasks:fashion_mnist") is fashion_mnist
     assert resolve("optimsweep.models:NeuralNetwork") is NeuralNetwork
+
+
+def test_the_readmes_layout_names_every_module_in_its_folder():
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    package = re.search(r"^src/optimsweep/\n((?:  .*\n)+)", layout, re.M).group(1)
+    # each entry runs from its name to the next line that names another
+    entries = re.split(r"\n(?=  [\w.]+/? )", package)
+    folders = {e.split()[0].rstrip("/"): e for e in entries if e.split()[0].endswith("/")}
+    top = " ".join(e for e in entries if not e.split()[0].endswith("/"))
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        folder = path.parent.relative_to(PACKAGE).as_posix()
+        text = top if folder == "." else folders.get(folder, "")
+        if not re.search(rf"(?<![\w/]){re.escape(path.name)}\b", text):
+            missing.append(path.relative_to(PACKAGE).as_posix())
+    assert missing == []
