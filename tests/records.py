@@ -109,15 +109,17 @@ HERE = str(Path(__file__).parent)
 
 
 def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str,
-                 script: str | None = None) -> None:
+                 script: str | None = None, new_session: bool = False) -> None:
     """The body of a forked `optimsweep ARGV` (or `python SCRIPT ARGV`): its own folder,
-    environment and output files, then the command line's own main (or the script as
-    `__main__`), exit code and exit handlers."""
+    environment and output files (and process group, with `new_session`), then the command
+    line's own main (or the script as `__main__`), exit code and exit handlers."""
     import atexit
     import faulthandler
     import io
     import runpy
 
+    if new_session:
+        os.setsid()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -170,13 +172,15 @@ class CliProcess:
     imported the package once instead of starting Python anew: the Popen calls the tests
     use."""
 
-    def __init__(self, argv: list[str], cwd: Path, env: dict, script: str | None = None):
+    def __init__(self, argv: list[str], cwd: Path, env: dict, script: str | None = None,
+                 new_session: bool = False):
         context = fork_server()
         self.args = [script or "optimsweep", *argv]
         self._files = tempfile.mkdtemp(prefix="optimsweep-cli-")
         self._out, self._err = (os.path.join(self._files, n) for n in ("stdout", "stderr"))
         self._process = context.Process(
-            target=_cli_process, args=(argv, str(cwd), env, self._out, self._err, script))
+            target=_cli_process,
+            args=(argv, str(cwd), env, self._out, self._err, script, new_session))
         self._process.start()
         self.pid = self._process.pid
 
@@ -207,15 +211,16 @@ class CliProcess:
         return out, err
 
 
-def launch(argv: list, cwd: Path, env: dict) -> CliProcess:
-    """`optimsweep ARGV` in `cwd` with exactly the environment `env`."""
-    return CliProcess([str(a) for a in argv], cwd, env)
+def launch(argv: list, cwd: Path, env: dict, new_session: bool = False) -> CliProcess:
+    """`optimsweep ARGV` in `cwd` with exactly the environment `env` (and a process group
+    of its own with `new_session`, as a service manager starts it)."""
+    return CliProcess([str(a) for a in argv], cwd, env, new_session=new_session)
 
 
-def start(*args, cwd: Path, env: dict | None = None) -> CliProcess:
+def start(*args, cwd: Path, env: dict | None = None, new_session: bool = False) -> CliProcess:
     """`optimsweep ARGS` as a user runs it, in its own process."""
     return launch(list(args), cwd, {**os.environ, "PYTHONUNBUFFERED": "1",
-                                    "OPTIMSWEEP_DATA": str(DATA), **(env or {})})
+                                    "OPTIMSWEEP_DATA": str(DATA), **(env or {})}, new_session)
 
 
 def finish(process, timeout: float = 120) -> tuple[int, str, str]:

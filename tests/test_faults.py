@@ -37,7 +37,7 @@ from records import (
 )
 from sweeps import fashion_sweep, line_sweep, load
 
-SLOW = {"n_trials": 2, "epochs": 60}  # about 2 s a trial: long enough to be hit mid-trial
+SLOW = {"n_trials": 2, "epochs": 30}  # about 1 s a trial: long enough to be hit mid-trial
 FIXED_BATCH = {"optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
                "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True},
                "batch_size": 16}
@@ -169,7 +169,7 @@ def test_sigkill_mid_trial_is_repaired_by_the_next_command(tmp_path, capsys):
 def test_a_killed_worker_is_replaced_by_the_others_and_the_budget_ends_exact(tmp_path, capsys):
     """The worker is what dies, a real process killed by a real SIGKILL; the parent that
     sees it die and has the others finish runs in this process (saving one process start)."""
-    path = slow_line(tmp_path, budget={"n_trials": 3, "epochs": 60})
+    path = slow_line(tmp_path, budget={"n_trials": 3, "epochs": 30})
     spec = load(path)
     killed: list = []
 
@@ -462,13 +462,13 @@ def test_a_journal_deleted_or_replaced_mid_sweep_stops_it_and_the_next_sweep_ref
     trial's run FAILED, the study's run FAILED, nothing RUNNING, nothing deleted, nothing
     written into the other study's journal. The next sweep refuses with one line and
     changes nothing; with the journal restored (deleted case) it finishes the study."""
-    path = slow_line(tmp_path, budget={"n_trials": 3, "epochs": 60})
+    path = slow_line(tmp_path, budget={"n_trials": 3, "epochs": 30})
     spec = load(path)
     run_sweep(spec, n_trials=1, progress=False)  # a finished trial, its weights to keep
     journal = tmp_path / "mlruns" / "optuna.journal"
     if other_name is not None:
         (tmp_path / "other").mkdir()  # the same-named one from the same sweep file
-        other_path = (slow_line(tmp_path / "other", budget={"n_trials": 3, "epochs": 60})
+        other_path = (slow_line(tmp_path / "other", budget={"n_trials": 3, "epochs": 30})
                       if other_name == "line" else line_sweep(tmp_path / "other", other_name))
         run_sweep(load(other_path), n_trials=1, progress=False)
         other = (tmp_path / "other" / "mlruns" / "optuna.journal").read_bytes()
@@ -669,7 +669,7 @@ def test_a_ctrl_c_before_a_tracking_write_commits_is_raised_after_it(
 
 
 def test_ctrl_c_during_confirm_closes_its_run(tmp_path):
-    path = slow_line(tmp_path, budget={"n_trials": 1, "epochs": 100})
+    path = slow_line(tmp_path, budget={"n_trials": 1, "epochs": 50})
     spec = load(path)
     run_sweep(spec, progress=False)
     process = start("confirm", path, "--top-k", 1, "--seeds", 2, cwd=tmp_path)
@@ -686,7 +686,7 @@ def test_ctrl_c_during_confirm_closes_its_run(tmp_path):
 def test_confirm_killed_then_run_again_reuses_the_seeds_that_finished(tmp_path, capsys):
     """SIGKILL after the first seed's re-training finished, mid-second: the next confirm
     trains only the seeds that did not finish, and each seed ends with one FINISHED run."""
-    path = slow_line(tmp_path, budget={"n_trials": 1, "epochs": 60})
+    path = slow_line(tmp_path, budget={"n_trials": 1, "epochs": 30})
     spec = load(path)
     run_sweep(spec, progress=False)
     process = start("confirm", path, "--top-k", 1, "--seeds", 3, cwd=tmp_path)
@@ -739,7 +739,7 @@ def test_a_worker_hit_by_ctrl_c_and_its_parents_sigterm_at_once_stops_quietly():
 def test_sigterm_to_a_sweep_with_workers_closes_every_workers_trial(tmp_path):
     """SIGTERM reaches only the parent: it passes it on, each worker closes its own trial,
     and nothing is left RUNNING."""
-    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 60})
+    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 30})
     spec = load(path)
     process = start("sweep", path, "--workers", 2, "--no-progress", cwd=tmp_path)
     wait_until(lambda: len(running_trials(spec)) == 2, timeout=90,
@@ -757,24 +757,21 @@ def test_sigterm_to_a_sweeps_whole_process_group_is_waited_out_by_its_parent(tmp
     """systemd, Slurm and `timeout` signal a sweep's whole process group: the workers close
     their trials while the parent waits for them (the fork server they came from outlives
     the signal, to pass their exit codes on), and none is left behind when it exits."""
-    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 60})
+    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 30})
     spec = load(path)
-    process = subprocess.Popen([sys.executable, "-m", "optimsweep.cli", "sweep", str(path),
-                                "--workers", "2", "--no-progress"], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)  # a group of its own, as a service's
+    process = start("sweep", path, "--workers", 2, "--no-progress", cwd=tmp_path,
+                    new_session=True)  # a group of its own, as a service's
     try:
         wait_until(lambda: len(running_trials(spec)) == 2, timeout=90,
                    what="both workers in a trial")
         os.killpg(process.pid, signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
+        code, _, err = finish(process)
     finally:
         with contextlib.suppress(ProcessLookupError):  # the fork server holds SIGTERM
             os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
     # one line: the workers closed their own trials, none was left to the parent
     (line,) = [line for line in err.splitlines() if line.strip()]
-    assert process.returncode == 143 and line.startswith("interrupted: "), err
+    assert code == 143 and line.startswith("interrupted: "), err
     _, _, trials = assert_invariant(spec)
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert len({t.user_attrs["pid"] for t in interrupted}) == 2

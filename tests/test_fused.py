@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from optimsweep.core.train import (
     fit,
     fit_group,
 )
+from records import DATA, CliProcess, finish
 
 
 def line_config(**overrides) -> TrainConfig:
@@ -174,16 +174,23 @@ print(int(denormal.sum()), accuracy)
 """
 
 
-def test_flushing_denormals_keeps_learning_and_removes_them():
+def test_flushing_denormals_keeps_learning_and_removes_them(tmp_path):
     """Adam's moment estimates of weights whose gradients died out decay into denormal
     floats, which CPUs compute several times slower. A process using the core flushes them
     in every thread: its Adam state holds none, and it learns the same within noise as a
-    process that keeps them."""
+    process that keeps them. (Each is forked from the tests' server, which imported the core
+    before it computed anything, as a process that imports it at start does.)"""
+    script = tmp_path / "denormals.py"
+    script.write_text(DENORMALS)
+
     def train(mode: str) -> tuple[int, float]:
         loops = str(Path(__file__).parents[1] / "benchmarks")
-        out = subprocess.run([sys.executable, "-c", DENORMALS, mode, loops], capture_output=True,
-                             text=True, check=True, timeout=300).stdout.split()
-        return int(out[0]), float(out[1])
+        process = CliProcess([mode, loops], tmp_path, {**os.environ, "OPTIMSWEEP_DATA": str(DATA)},
+                             script=str(script))
+        code, out, err = finish(process, timeout=300)
+        assert code == 0, err
+        denormals, accuracy = out.split()
+        return int(denormals), float(accuracy)
 
     denormals_kept, accuracy_kept = train("keep")
     denormals_core, accuracy_core = train("core")
@@ -225,10 +232,10 @@ def test_a_signal_mid_group_closes_every_members_run(tmp_path, signum):
     each with its FAILED run; SIGKILL leaves them for the next command, which does the same.
     The next sweep then spends the whole budget."""
     from optimsweep.run.runner import run_sweep
-    from records import assert_invariant, finish, load_study, start, wait_until
+    from records import assert_invariant, load_study, start, wait_until
     from sweeps import line_sweep, load
 
-    path = line_sweep(tmp_path, fuse=4, budget={"n_trials": 4, "epochs": 60},
+    path = line_sweep(tmp_path, fuse=4, budget={"n_trials": 4, "epochs": 30},
                       search_space={"optimizer": {"type": "categorical",
                                                   "choices": ["sgd", "adam"]},
                                     "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1},
@@ -266,7 +273,6 @@ def test_an_exported_fused_trial_is_reproduced_by_train_config(tmp_path, capsys,
 
     from optimsweep.cli import main
     from optimsweep.run.runner import run_sweep
-    from records import DATA
     from sweeps import fashion_sweep, load
 
     monkeypatch.setenv("OPTIMSWEEP_DATA", str(DATA))

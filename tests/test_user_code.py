@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from optimsweep.cli import main
 from optimsweep.core.train import LOSSES, TrainConfig, fit, load_data
 from optimsweep.run.study import open_existing
 from optimsweep.sweep.check import load_spec
+from records import finish, launch
 
 DATA = '''
 import torch
@@ -159,15 +158,14 @@ def test_your_own_package_sweeps_exports_reproduces_and_loads_into_its_class(
     metrics = json.loads((out / "metrics.json").read_text())
     assert "optimsweep.code.data" in metrics["provenance"]["trained_with"]
 
-    # Reproduced by a fresh process started elsewhere: the config alone finds the code.
+    # Reproduced by a process of its own started elsewhere, which never imported the code:
+    # the config alone finds it.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = subprocess.run([sys.executable, "-m", "optimsweep.cli", "train", "--config",
-                           str(out / "config.yaml"), "--device", "cpu"], cwd=elsewhere,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": ""})
-    assert done.returncode == 0, done.stderr
-    assert f"Accuracy: {100 * metrics['final_epoch']['test_accuracy']:.1f}%" in done.stdout
+    exit_code, printed, err = finish(launch(["train", "--config", out / "config.yaml", "--device",
+                                        "cpu"], elsewhere, {**os.environ, "PYTHONPATH": ""}))
+    assert exit_code == 0, err
+    assert f"Accuracy: {100 * metrics['final_epoch']['test_accuracy']:.1f}%" in printed
 
     models = import_from(path.parent, opened.spec.model.split(":")[0])
     model = models.MLP(hidden=config["model.hidden"], depth=2)
