@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import test_train
+from optimsweep.cli import main
 from optimsweep.core.train import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -24,7 +26,9 @@ from optimsweep.core.train import (
     fit,
     fit_group,
 )
-from records import DATA, CliProcess, finish
+from optimsweep.run.runner import run_sweep
+from records import DATA, CliProcess, assert_invariant, finish, load_study, start, wait_until
+from sweeps import fashion_sweep, line_sweep, load
 
 
 def line_config(**overrides) -> TrainConfig:
@@ -204,10 +208,6 @@ def test_a_fused_sweep_keeps_every_guarantee_of_a_sequential_one(tmp_path):
     """fuse: 4 with two batch sizes: trials of one batch size train together, each with its
     own run, curves, weights and pruning decision; the baseline runs first; the budget is
     exact; Optuna and MLflow stay 1:1."""
-    from optimsweep.run.runner import run_sweep
-    from records import assert_invariant
-    from sweeps import line_sweep, load
-
     baseline = {"optimizer": "sgd", "lr": 0.01, "batch_size": 16}
     path = line_sweep(tmp_path, fuse=4, budget={"n_trials": 8, "epochs": 4},
                       pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
@@ -231,10 +231,6 @@ def test_a_signal_mid_group_closes_every_members_run(tmp_path, signum):
     """Four trials training as one group: Ctrl-C fails all four (interrupted, uncounted),
     each with its FAILED run; SIGKILL leaves them for the next command, which does the same.
     The next sweep then spends the whole budget."""
-    from optimsweep.run.runner import run_sweep
-    from records import assert_invariant, load_study, start, wait_until
-    from sweeps import line_sweep, load
-
     path = line_sweep(tmp_path, fuse=4, budget={"n_trials": 4, "epochs": 30},
                       search_space={"optimizer": {"type": "categorical",
                                                   "choices": ["sgd", "adam"]},
@@ -269,12 +265,6 @@ def test_an_exported_fused_trial_is_reproduced_by_train_config(tmp_path, capsys,
                                                                monkeypatch):
     """Three FashionMNIST trials fused; the best one exported and trained again alone with
     `optimsweep train --config`: the same accuracy within the README's tolerance."""
-    import json
-
-    from optimsweep.cli import main
-    from optimsweep.run.runner import run_sweep
-    from sweeps import fashion_sweep, load
-
     monkeypatch.setenv("OPTIMSWEEP_DATA", str(DATA))
     path = fashion_sweep(tmp_path, fuse=3)
     study = run_sweep(load(path), progress=False)
