@@ -21,6 +21,7 @@ import torch
 from sqlalchemy import event
 
 import optimsweep.core.train
+import optimsweep.run.resume
 from optimsweep.errors import StoreError
 from optimsweep.run.runner import run_sweep
 from records import (
@@ -364,6 +365,36 @@ def test_any_failure_inside_a_trial_fails_that_trial_and_the_study_goes_on(tmp_p
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_fail"] == 2
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+
+
+def test_a_database_connection_lost_as_a_trial_starts_is_retried_not_its_failure(
+        tmp_path, monkeypatch):
+    """A restart of PostgreSQL just as a trial reads which trials it retries (seen, rarely,
+    in the server tests' restart): the lost connection is tried again, as every study read
+    is, and the trial completes instead of failing with the store's error as its own. The
+    failure is Optuna's, as a real restart raises it; raised here at that moment, which a
+    real restart hits only by chance."""
+    import sqlalchemy
+
+    real = optimsweep.run.resume.retried_runs
+    lost = iter([True])
+
+    def connection_lost_once(study, trial):
+        if next(lost, False):
+            try:
+                raise sqlalchemy.exc.OperationalError(
+                    "SELECT", {}, ConnectionError("server closed the connection unexpectedly"))
+            except sqlalchemy.exc.OperationalError as exc:
+                raise optuna.exceptions.StorageInternalError(
+                    "An exception is raised during the commit.") from exc
+        return real(study, trial)
+
+    monkeypatch.setattr(optimsweep.run.resume, "retried_runs", connection_lost_once)
+    spec = load(line_sweep(tmp_path, budget={"n_trials": 2, "epochs": 2}))
+    run_sweep(spec, progress=False)
+    _, _, trials = assert_invariant(spec)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], [
+        t.user_attrs.get("error") for t in trials]
 
 
 def test_a_tracking_store_that_cant_be_written_stops_the_sweep_with_one_line(tmp_path, capsys,

@@ -250,7 +250,7 @@ def _resume(opened: OpenStudy, member: _Member) -> None:
     far, its trial the intermediate values, both say where it went on from."""
     trial, tracker = member.trial, opened.tracker
     per_epoch = opened.spec.budget.reports_per_epoch
-    runs = resume.retried_runs(opened.study, trial)
+    runs = opened.storage.call(resume.retried_runs, opened.study, trial)  # reads the study
     member.earlier_runs = [run_id for run_id, _ in runs]
     if member.promoted is not None:
         found = member.found = resume.latest(tracker, [(member.promoted, trial.number), *runs],
@@ -486,8 +486,8 @@ def close_paused(opened: OpenStudy) -> list[int]:
                             State.PRUNED.trial_state, retry=False)
         if run_id is not None:
             opened.tracker.finish_run(run_id, State.PRUNED)
-            resume.drop(opened.tracker, [run_id, *(r for r, _ in
-                                                   resume.retried_runs(opened.study, trial))])
+            earlier = opened.storage.call(resume.retried_runs, opened.study, trial, retry=False)
+            resume.drop(opened.tracker, [run_id, *(r for r, _ in earlier)])
         closed.append(trial.number)
     return closed
 
