@@ -250,7 +250,8 @@ def _resume(opened: OpenStudy, member: _Member) -> None:
     far, its trial the intermediate values, both say where it went on from."""
     trial, tracker = member.trial, opened.tracker
     per_epoch = opened.spec.budget.reports_per_epoch
-    runs = opened.storage.call(resume.retried_runs, opened.study, trial)  # reads the study
+    # A read of the study: a database restarted now is ridden out, not this trial's failure
+    runs = opened.storage.call(resume.retried_runs, opened.study, trial)
     member.earlier_runs = [run_id for run_id, _ in runs]
     if member.promoted is not None:
         found = member.found = resume.latest(tracker, [(member.promoted, trial.number), *runs],
