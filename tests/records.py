@@ -223,6 +223,16 @@ def start(*args, cwd: Path, env: dict | None = None, new_session: bool = False) 
                                     "OPTIMSWEEP_DATA": str(DATA), **(env or {})}, new_session)
 
 
+def run_script(script: Path, *args, cwd: Path, timeout: float = 300) -> str:
+    """`python SCRIPT ARGS` in `cwd`, as the script's user runs it but forked from the
+    tests' server; what it printed, once it has exited 0."""
+    process = CliProcess([str(a) for a in args], cwd,
+                         {**os.environ, "OPTIMSWEEP_DATA": str(DATA)}, script=str(script))
+    code, out, err = finish(process, timeout=timeout)
+    assert code == 0, err
+    return out
+
+
 def finish(process, timeout: float = 120) -> tuple[int, str, str]:
     out, err = process.communicate(timeout=timeout)
     return process.returncode, out, err

@@ -3,11 +3,10 @@ run and report."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-from records import DATA, CliProcess, finish
+from records import run_script
 
 ROOT = Path(__file__).parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -17,11 +16,7 @@ def run(script: str, *args: str) -> str:
     """`python benchmarks/SCRIPT ARGS`, forked from the tests' server that has imported
     torch, Optuna and MLflow already (the processes each script starts are new Pythons, as
     the benchmark measures them)."""
-    process = CliProcess(list(args), ROOT, {**os.environ, "OPTIMSWEEP_DATA": str(DATA)},
-                         script=str(BENCHMARKS / script))
-    code, out, err = finish(process, timeout=300)
-    assert code == 0, err
-    return out
+    return run_script(BENCHMARKS / script, *args, cwd=ROOT)
 
 
 def test_bench_sweep_prints_the_machine_and_each_variants_ratio():

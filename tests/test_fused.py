@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import re
 import signal
 from pathlib import Path
@@ -27,7 +26,15 @@ from optimsweep.core.train import (
     fit_group,
 )
 from optimsweep.run.runner import run_sweep
-from records import DATA, CliProcess, assert_invariant, finish, load_study, start, wait_until
+from records import (
+    DATA,
+    assert_invariant,
+    finish,
+    load_study,
+    run_script,
+    start,
+    wait_until,
+)
 from sweeps import fashion_sweep, line_sweep, load
 
 
@@ -188,12 +195,8 @@ def test_flushing_denormals_keeps_learning_and_removes_them(tmp_path):
     script.write_text(DENORMALS)
 
     def train(mode: str) -> tuple[int, float]:
-        loops = str(Path(__file__).parents[1] / "benchmarks")
-        process = CliProcess([mode, loops], tmp_path, {**os.environ, "OPTIMSWEEP_DATA": str(DATA)},
-                             script=str(script))
-        code, out, err = finish(process, timeout=300)
-        assert code == 0, err
-        denormals, accuracy = out.split()
+        loops = Path(__file__).parents[1] / "benchmarks"
+        denormals, accuracy = run_script(script, mode, loops, cwd=tmp_path).split()
         return int(denormals), float(accuracy)
 
     denormals_kept, accuracy_kept = train("keep")
