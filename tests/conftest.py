@@ -48,10 +48,15 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(scope="session")
 def fashion_small():
-    """5k real FashionMNIST training images with the standard validation and test sets."""
+    """5k real FashionMNIST training images, the first 1k images of the standard validation
+    split (all 10k of it added about a fifth to each fit: two epochs of Adam took 0.75 s
+    against 0.61 s) and the standard 10k test images."""
+    import dataclasses
+
     from core_helpers import load_fashion_mnist
 
-    return load_fashion_mnist(train_subset=5_000)
+    data = load_fashion_mnist(train_subset=5_000)
+    return dataclasses.replace(data, val_x=data.val_x[:1_000], val_y=data.val_y[:1_000])
 
 
 @pytest.fixture(scope="session")

