@@ -106,20 +106,30 @@ PRELOAD = ["optimsweep.cli", "optimsweep.run.runner", "optimsweep.run.study",
            "optimsweep.sweep.check", "optimsweep.report", "optimsweep.confirm",
            "optimsweep.export", "preloaded"]
 HERE = str(Path(__file__).parent)
+CLONE_NEWUTS = 0x04000000  # <sched.h>: a host name of the process's own
 
 
 def _cli_process(argv: list[str], cwd: str, env: dict, out: str, err: str,
-                 script: str | None = None, new_session: bool = False) -> None:
+                 script: str | None = None, new_session: bool = False,
+                 hostname: str | None = None) -> None:
     """The body of a forked `optimsweep ARGV` (or `python SCRIPT ARGV`): its own folder,
-    environment and output files (and process group, with `new_session`), then the command
-    line's own main (or the script as `__main__`), exit code and exit handlers."""
+    environment and output files (and process group, with `new_session`; and host name, with
+    `hostname`), then the command line's own main (or the script as `__main__`), exit code
+    and exit handlers."""
     import atexit
+    import ctypes
     import faulthandler
     import io
     import runpy
+    import socket
 
     if new_session:
         os.setsid()
+    if hostname is not None:  # another machine, as far as host names tell: what
+        # `unshare --uts` does (Python 3.11 has no os.unshare), then `hostname NAME`
+        if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWUTS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS) needs root")
+        socket.sethostname(hostname)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -173,14 +183,14 @@ class CliProcess:
     use."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict, script: str | None = None,
-                 new_session: bool = False):
+                 new_session: bool = False, hostname: str | None = None):
         context = fork_server()
         self.args = [script or "optimsweep", *argv]
         self._files = tempfile.mkdtemp(prefix="optimsweep-cli-")
         self._out, self._err = (os.path.join(self._files, n) for n in ("stdout", "stderr"))
         self._process = context.Process(
             target=_cli_process,
-            args=(argv, str(cwd), env, self._out, self._err, script, new_session))
+            args=(argv, str(cwd), env, self._out, self._err, script, new_session, hostname))
         self._process.start()
         self.pid = self._process.pid
 
@@ -211,10 +221,13 @@ class CliProcess:
         return out, err
 
 
-def launch(argv: list, cwd: Path, env: dict, new_session: bool = False) -> CliProcess:
+def launch(argv: list, cwd: Path, env: dict, new_session: bool = False,
+           hostname: str | None = None) -> CliProcess:
     """`optimsweep ARGV` in `cwd` with exactly the environment `env` (and a process group
-    of its own with `new_session`, as a service manager starts it)."""
-    return CliProcess([str(a) for a in argv], cwd, env, new_session=new_session)
+    of its own with `new_session`, as a service manager starts it; the host name `hostname`,
+    as on another machine)."""
+    return CliProcess([str(a) for a in argv], cwd, env, new_session=new_session,
+                      hostname=hostname)
 
 
 def start(*args, cwd: Path, env: dict | None = None, new_session: bool = False) -> CliProcess:

@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -74,15 +73,11 @@ class Workers:
                                    tracking_uri=self.env["MLFLOW_TRACKING_URI"])
 
     def start(self, folder: str, *args, host: str | None = None):
+        """A worker on this machine, or on the machine named `host` as far as host names
+        tell."""
         cwd = self.tmp_path / folder
         cwd.mkdir(exist_ok=True)
-        if host is None:
-            return launch(list(args), cwd, self.env)
-        # another machine, as far as hostnames tell: a process started anew in a namespace
-        command = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh",
-                   sys.executable, "-m", "optimsweep.cli", *map(str, args)]
-        return subprocess.Popen(command, cwd=cwd, env=self.env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return launch(list(args), cwd, self.env, hostname=host)
 
     def finish(self, process, timeout: float = 240) -> tuple[int, str]:
         code, out, err = finish(process, timeout)
