@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from optimsweep.records.storage import STORE_FAILURES
+    from optimsweep.records.storage import store_failures
 
+    failures = store_failures()  # before anything can fail
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
@@ -347,7 +348,7 @@ def _run(argv: list[str]) -> int:
         return args.func(args)
     except Expected as exc:
         return _expected(exc, args.debug)
-    except STORE_FAILURES as exc:  # a store failing where no trial was running
+    except failures as exc:  # a store failing where no trial was running
         return _expected(StoreError(f"store: {describe(exc)}"), args.debug)
 
 

@@ -9,6 +9,7 @@ to create a study or claim a trial of the budget.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -41,17 +42,16 @@ DEFAULT_STORAGE = "mlruns/optuna.journal"
 log = logging.getLogger("optimsweep")
 
 
-def _store_failures() -> tuple[type[BaseException], ...]:
+@functools.cache
+def store_failures() -> tuple[type[BaseException], ...]:
+    """What a store raises when it fails (a full disk, a database gone): a store failure,
+    however it reaches the command line. (Imported when asked: a process that only reads
+    sweep files, as the benchmarks' do, needs no MLflow, which takes seconds to import.)"""
     import sqlalchemy
     from mlflow.exceptions import MlflowException
 
     return (OSError, sqlalchemy.exc.SQLAlchemyError, MlflowException,
             optuna.exceptions.StorageInternalError)
-
-
-# What a store raises when it fails (a full disk, a database gone): a store failure, however
-# it reaches the command line.
-STORE_FAILURES = _store_failures()
 
 
 @dataclass(frozen=True)
