@@ -48,13 +48,14 @@ def _with_fewer_test_images(real: Path, n: int) -> Path:
         if not name.startswith("t10k"):
             kept.symlink_to(raw / name)
             continue
-        # IDX files: a big-endian header (magic, count, then each image's dimensions), then
-        # one byte per pixel or label
-        dims = 2 if "images" in name else 0
+        # IDX: a magic number whose last byte counts the dimensions, each dimension's size
+        # (big-endian, the count of items first), then one byte per pixel or label
         data = (raw / name).read_bytes()
-        item = 28 * 28 if dims else 1
-        header = data[:4] + n.to_bytes(4, "big") + data[8:8 + 4 * dims]
-        kept.write_bytes(header + data[8 + 4 * dims:8 + 4 * dims + n * item])
+        sizes = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(data[3])]
+        start = 4 + 4 * len(sizes)
+        item = math.prod(sizes[1:])
+        header = data[:4] + n.to_bytes(4, "big") + data[8:start]
+        kept.write_bytes(header + data[start:start + n * item])
     try:
         making.rename(folder)
     except OSError:  # another test process made it first
