@@ -3,6 +3,7 @@ the parent watches them, stops them on Ctrl-C or SIGTERM, and names any that fai
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -35,6 +36,10 @@ def run_worker(ref: StudyRef, deadline: float | None, n_workers: int, environ: d
     """A worker process: its parent's environment (not the fork server's, which is as it
     was when the server started), its share of the cores, quiet logs, and an exit code
     that says how it ended (0 done, 128+signal interrupted, 3 a store failed)."""
+    # What the fork server imported is shared with it and the other workers: out of the
+    # collector's sight, this worker's full collections neither walk it nor copy its pages
+    # (a worker of a 2-worker line sweep kept 186 MiB private instead of 230).
+    gc.freeze()
     signals.stop_on_signals(once=True)
     try:
         # The fork server's mask: a SIGTERM that came since the fork is raised here.
