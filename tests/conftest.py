@@ -76,6 +76,16 @@ def line():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def imports_frozen():
+    """What collecting the tests imported (torch, MLflow, Optuna, the package) stays for the
+    whole session: out of the garbage collector's sight, each full collection walks only what
+    the tests made since. (It walked it all, each time, 0.1 to 0.3 CPU seconds.)"""
+    import gc
+
+    gc.freeze()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def fork_server():
     """The tests' fork server, started first: `--workers` run in a test's own process fork
     from this process's one fork server too (records.fork_server). Its imports run in the

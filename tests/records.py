@@ -144,10 +144,12 @@ def best_report(curve: dict[int, float], maximize: bool) -> tuple[float, int]:
 # The modules every `optimsweep` command imports (torch and MLflow: about 7 s per process
 # start on a 2-core machine), imported once by multiprocessing's fork server, and what a
 # sweep imports lazily: MLflow's SQL store, torch's compiler (the first optimizer), FashionMNIST
-# and the study plots (preloaded.py): 6 to 7 s more per forked one-trial sweep.
+# and the study plots (preloaded.py): 6 to 7 s more per forked one-trial sweep. And this
+# module, which each child would otherwise import (pytest with it) to find its body,
+# `_cli_process`; `preloaded`, last, hides all of it from the children's garbage collector.
 PRELOAD = ["optimsweep.cli", "optimsweep.run.runner", "optimsweep.run.study",
            "optimsweep.sweep.check", "optimsweep.report", "optimsweep.confirm",
-           "optimsweep.export", "preloaded"]
+           "optimsweep.export", "records", "preloaded"]
 HERE = str(Path(__file__).parent)
 CLONE_NEWUTS = 0x04000000  # <sched.h>: a host name of the process's own
 
