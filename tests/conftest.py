@@ -46,6 +46,17 @@ def pytest_xdist_make_scheduler(config, log):
     return ServerTestsTogether(config, log)
 
 
+# The longest tests, started first: the workers take tests in the order they were collected,
+# so a long one collected last (the UI test, say) kept one worker going for seconds after the
+# other had finished.
+LONGEST = ("tests/test_learning.py", "tests/test_ui.py", "tests/test_bench.py",
+           "tests/test_examples.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST))  # else as collected
+
+
 @pytest.fixture(scope="session")
 def fashion_small():
     """5k real FashionMNIST training images, the first 1k images of the standard validation
