@@ -9,7 +9,7 @@ SERVICES ?= .services
 ARGS   ?=
 
 .PHONY: install data browser services services-stop sweep ui serve export best confirm train test \
-        bench bench-checkpoints bench-core bench-quality bench-scaling lint clean
+        bench bench-checkpoints bench-core bench-quality bench-scaling bench-suite lint clean
 
 install: $(VENV)/.installed
 
@@ -109,6 +109,11 @@ bench-core: data
 
 bench-scaling: install
 	$(BIN)/python benchmarks/bench_scaling.py $(ARGS)
+
+# The test suite on slow cores (a busy loop on each), against e963250's suite, alternated
+# A B B A: about 45 minutes on 2 cores. ARGS="--avx2" holds torch to AVX2 as well.
+bench-suite: data browser
+	$(BIN)/python benchmarks/bench_suite.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
