@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -24,14 +23,8 @@ from pathlib import Path
 import optuna
 import yaml
 
+from cpu import cpu_line
 from optimsweep import services
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def free_port() -> int:
@@ -90,7 +83,7 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; regression task, {args.n_trials} "
+    print(f"{cpu_line()}; regression task, {args.n_trials} "
           f"trials of {args.epochs} epochs per study; one PostgreSQL, one MLflow server")
     root = Path(tempfile.mkdtemp(prefix="optimsweep-bench-"))
     root.chmod(0o711)  # the postgres user reaches its data folder inside

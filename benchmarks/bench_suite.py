@@ -34,21 +34,11 @@ import threading
 import time
 from pathlib import Path
 
+from cpu import cpu_line
+
 ROOT = Path(__file__).resolve().parents[1]
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "ONEDNN_MAX_CPU_ISA": "AVX2"}
-
-
-def machine() -> str:
-    model, flags = "unknown CPU", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return (f"CPU: {model}, {os.cpu_count()} cores; flags: "
-            f"{' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,7 +122,7 @@ def main() -> None:
     parser.add_argument("--no-slow-cores", dest="slow", action="store_false")
     args = parser.parse_args()
 
-    print(machine())
+    print(cpu_line())
     print(f"slow cores: {'a busy loop on each core' if args.slow else 'off'}; "
           f"instruction sets: {'AVX2 (' + ', '.join(AVX2) + ')' if args.avx2 else 'all'}")
     env = {**os.environ, "CI": os.environ.get("CI") or "1", **(AVX2 if args.avx2 else {})}

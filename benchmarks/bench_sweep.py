@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from core_loops import load_fashion_mnist
+from cpu import cpu
 from optimsweep.core.data import Dataset, prepare_fashion_mnist
 from optimsweep.core.train import TrainConfig, default_fuse, fit, fit_group, resolve_precision
 from optimsweep.sweep.check import load_spec
@@ -39,22 +40,10 @@ from optimsweep.sweep.space import suggest_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = ROOT / "sweeps" / "fashion_mnist.yaml"
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
 def machine(device: torch.device) -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == (platform.processor() or
-                                                             "unknown CPU"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, flags = cpu()
     text = (f"CPU: {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
-            f"flags: {' '.join(f for f in FLAGS if f in flags) or 'none of ' + ', '.join(FLAGS)}")
+            f"flags: {flags}")
     if device.type == "cuda":
         text += f"\nGPU: {torch.cuda.get_device_name(device)}"
     return text + f"\ntorch {torch.__version__}, Python {platform.python_version()}"
