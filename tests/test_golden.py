@@ -31,7 +31,7 @@ VOLATILE_TAGS = {"mlflow.parentRunId", "optimsweep.best_run_id", "mlflow.user",
                  "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
                  "optimsweep.host", "optimsweep.pid", "optimsweep.study_uid", "git_commit",
                  "python", "optimsweep", "torch", "torchvision", "optuna", "mlflow", "numpy",
-                 "pandas"}
+                 "pandas", "optimsweep.device_name"}
 
 
 def _golden(name: str, actual):

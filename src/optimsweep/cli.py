@@ -131,7 +131,7 @@ def cmd_sweep(args) -> int:
 
     spec = load_spec(args.file)
     study = run_sweep(spec, n_trials=args.n_trials, timeout=args.timeout, workers=args.workers,
-                      progress=not args.no_progress)
+                      gpus_per_worker=args.gpus_per_worker, progress=not args.no_progress)
     print(f"\n{summary_line(study, args.n_trials or spec.budget.n_trials)}")
     print(f"top trials by {spec.metric} (validation; the test set's value is reported, never "
           "used to choose):")
@@ -255,6 +255,15 @@ def _every(value: str) -> str | float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _workers(value: str) -> int | str:
+    from optimsweep.run.placement import parse_workers
+
+    try:
+        return parse_workers(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="optimsweep", description=__doc__)
     parser.add_argument("--debug", action="store_true",
@@ -277,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, help="sweeps/NAME.yaml")
     p.add_argument("--n-trials", type=int, help="total trials for the study (default: budget)")
     p.add_argument("--timeout", type=float, help="seconds for this invocation")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument("--workers", type=_workers, default=None,
+                   help="local worker processes, or auto: one per visible GPU (the default "
+                   "where more than one is visible; else 1)")
+    p.add_argument("--gpus-per-worker", type=int, default=None, metavar="K",
+                   help="GPUs each worker sees (CUDA_VISIBLE_DEVICES), for trials that use "
+                   "several")
     p.add_argument("--top", type=int, default=10, help="rows in the closing table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)

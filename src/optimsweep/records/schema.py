@@ -56,7 +56,12 @@ class Tag:
     PID = "optimsweep.pid"
     ERROR = "optimsweep.error"
     # a trial's run
-    DEVICE = "optimsweep.device"
+    DEVICE = "optimsweep.device"  # cuda:0 or cpu, as the worker saw it
+    DEVICE_NAME = "optimsweep.device_name"  # "NVIDIA H100 80GB HBM3", or the CPU's model
+    DEVICE_MEMORY = "optimsweep.device_memory_gib"  # a GPU's
+    DEVICE_INDEX = "optimsweep.device_index"  # the machine's GPU (CUDA_VISIBLE_DEVICES), or cpu
+    VISIBLE_DEVICES = "optimsweep.cuda_visible_devices"  # what its worker was given, if set
+    SLURM_JOB = "optimsweep.slurm_job"  # "1234_3 restart 2": the array task that ran it
     FUSED = "optimsweep.fused"  # members of its group
     PRECISION = "optimsweep.precision"  # fp32 or bf16, `auto` resolved
     RETRY_OF = "optimsweep.retry_of"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import optuna
 
 from optimsweep.core import train
 from optimsweep.core.checkpoint import Checkpointer
+from optimsweep.core.devices import device_facts
 from optimsweep.core.train import EpochStats, TrainConfig
 from optimsweep.errors import DivergedError, StoreError, describe
 from optimsweep.records.optuna_adapter import trial_id
@@ -42,6 +44,7 @@ from optimsweep.run.context import OpenStudy
 from optimsweep.run.progress import say
 from optimsweep.sweep.space import suggest_config
 from optimsweep.util import signals
+from optimsweep.util.provenance import slurm_task
 
 
 class TrialTaken(Exception):
@@ -311,7 +314,15 @@ def _start_run(opened: OpenStudy, member: _Member, group_size: int, data) -> str
     device = data.device
     trial, retry_of = member.trial, member.trial.user_attrs.get(Attr.RETRY_OF)
     ref = opened.ref
-    tags = {Tag.DEVICE: str(device), Tag.FUSED: str(group_size), **ref.run_tags()}
+    facts = device_facts(device)
+    tags = {Tag.DEVICE: str(device), Tag.DEVICE_NAME: facts["name"],
+            Tag.DEVICE_INDEX: facts["index"], Tag.FUSED: str(group_size), **ref.run_tags()}
+    if "memory_gib" in facts:
+        tags[Tag.DEVICE_MEMORY] = facts["memory_gib"]
+    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        tags[Tag.VISIBLE_DEVICES] = visible
+    if job := slurm_task(os.environ):
+        tags[Tag.SLURM_JOB] = job
     if member.config is not None:
         tags[Tag.PRECISION] = train.resolve_precision(member.config.precision, device)
     if retry_of is not None:

@@ -20,6 +20,7 @@ from optimsweep.errors import Interrupted, StoreError, WorkersFailed, describe
 from optimsweep.records.schema import counted_trials
 from optimsweep.run.context import OpenStudy, StudyRef
 from optimsweep.run.loop import run_loop
+from optimsweep.run.placement import Placement
 from optimsweep.run.progress import Progress
 from optimsweep.run.repair import repair
 from optimsweep.run.study import attach, load_sweep_data
@@ -80,13 +81,16 @@ def _fork_server() -> multiprocessing.context.ForkServerContext:
     return mp
 
 
-def run_workers(opened: OpenStudy, workers: int, deadline: float | None,
+def run_workers(opened: OpenStudy, placements: list[Placement], deadline: float | None,
                 progress: bool) -> None:
+    """One worker process per placement, each seeing only its own GPUs."""
     mp = _fork_server()
     debug = log.isEnabledFor(logging.DEBUG)
+    n = len(placements)
     processes = [mp.Process(target=run_worker,
-                            args=(opened.ref, deadline, workers, dict(os.environ), debug))
-                 for _ in range(workers)]
+                            args=(opened.ref, deadline, n, where.environ(dict(os.environ)),
+                                  debug))
+                 for where in placements]
     for p in processes:
         p.start()
     try:

@@ -42,3 +42,14 @@ def provenance() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return info
+
+
+def slurm_task(environ) -> str | None:
+    """The Slurm job (array task) this process runs in, and how often it was requeued:
+    "1234_3 restart 2"; None outside Slurm."""
+    job = environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    task = environ.get("SLURM_ARRAY_TASK_ID")
+    restarts = environ.get("SLURM_RESTART_COUNT", "0")
+    return f"{job}{'_' + task if task else ''} restart {restarts}"
