@@ -29,6 +29,8 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 SERVER_TESTS = "tests/test_servers.py"
+# The Slurm tests use the same servers: they run on the same pytest worker, after these.
+SERVER_FILES = (SERVER_TESTS, "tests/test_slurm.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -41,7 +43,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ServerTestsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return SERVER_TESTS if nodeid.startswith(f"{SERVER_TESTS}::") else nodeid
+            return SERVER_TESTS if nodeid.startswith(SERVER_FILES) else nodeid
 
     return ServerTestsTogether(config, log)
 
@@ -130,3 +132,24 @@ def servers():
     yield endpoints
     services.stop(folder)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-machine Slurm (munge, slurmctld, slurmd), started by the same code as
+    `optimsweep services start --slurm` (installing Debian's slurm-wlm where it is missing
+    and we are root), stopped after. Where it can't be had the tests skip, except in CI."""
+    from optimsweep import local_slurm
+    from optimsweep.errors import ServiceError
+    from serving import free_port
+
+    folder = tmp_path_factory.mktemp("slurm")
+    try:
+        cluster = local_slurm.start(folder, free_port(), free_port())
+    except (ServiceError, OSError) as exc:
+        local_slurm.stop(folder)
+        if os.environ.get("CI"):
+            pytest.fail(f"a one-machine Slurm is required in CI: {exc}")
+        pytest.skip(f"no Slurm here: {exc}")
+    yield cluster
+    local_slurm.stop(folder)

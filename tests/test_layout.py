@@ -20,6 +20,7 @@ LAYERS = {
     "optimsweep.sweep": 4, "optimsweep.report": 4, "optimsweep.plots": 4,
     "optimsweep.run": 5,
     "optimsweep.confirm": 6, "optimsweep.export": 6, "optimsweep.services": 6,
+    "optimsweep.slurm": 6, "optimsweep.local_slurm": 6,
     "optimsweep.cli": 7,
 }
 PRIVATE_OPTUNA = re.compile(r"\._storage\b|\._trial_id\b|\._study_id\b|\._contains\b|"

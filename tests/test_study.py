@@ -230,3 +230,31 @@ def test_no_password_written_in_a_sweep_file_is_stored(tmp_path):
     for text in (logged, study.user_attrs["sweep_text"], str(parent.data.tags),
                  str(parent.data.params)):
         assert "s3cret" not in text
+
+
+def _interrupted(number: int, why: str, retries: int, retry_of: int | None = None):
+    attrs = {"interrupted": True, "error": why, "retries": retries}
+    if retry_of is not None:
+        attrs["retry_of"] = retry_of
+    trial = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params={"lr": 0.01},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1)},
+        user_attrs=attrs)
+    trial.number = number
+    return trial
+
+
+def test_a_config_stopped_by_signals_is_run_again_however_often_it_is_preempted(tmp_path):
+    """Preempted five times, its config still goes on (from its checkpoint); a config whose
+    process died twice (killed, out of memory) is given up after `max_retry`."""
+    from optimsweep.records.schema import INTERRUPTED
+    from optimsweep.run.claim import next_enqueued
+
+    spec = load(line_sweep(tmp_path))
+    preempted = [_interrupted(n, INTERRUPTED, 0, n - 1 if n else None) for n in range(5)]
+    params, attrs = next_enqueued(preempted, spec, max_retry=2)
+    assert params == {"lr": 0.01} and attrs == {"retry_of": 4, "retries": 0}
+    died = "interrupted: its process (pid 7 on host a) ended without closing it"
+    killed = [_interrupted(0, died, 0), _interrupted(1, died, 1, 0), _interrupted(2, died, 2, 1)]
+    assert next_enqueued(killed, spec, max_retry=2) is None
+    assert next_enqueued(killed[:2], spec, max_retry=2)[1] == {"retry_of": 1, "retries": 2}

@@ -225,18 +225,56 @@ def cmd_export(args) -> int:
 
 
 def cmd_services(args) -> int:
-    from optimsweep import services
+    from optimsweep import local_slurm, services
 
+    slurm_dir = Path(args.dir) / "slurm"
     if args.action == "stop":
-        stopped = services.stop(args.dir)
+        stopped = services.stop(args.dir) + local_slurm.stop(slurm_dir)
         print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
         return 0
     endpoints = services.start(args.dir, args.pg_port, args.mlflow_port)
     print(f"PostgreSQL on 127.0.0.1:{endpoints.pg_port}, MLflow server (UI too) on "
           f"{endpoints.tracking_uri}; data in {endpoints.folder}/. To use them:")
     print(endpoints.exports())
+    if args.slurm:
+        cluster = local_slurm.start(slurm_dir, local_slurm.SLURMCTLD_PORT,
+                                    local_slurm.SLURMD_PORT)
+        print(f"a one-machine Slurm (partition debug) in {cluster.folder}/; its commands "
+              "need:")
+        print(cluster.exports())
     return 0
 
+
+def cmd_slurm(args) -> int:
+    import os
+
+    from optimsweep import slurm
+    from optimsweep.sweep.check import load_spec
+
+    spec = load_spec(args.file)
+    script, logs = slurm.default_paths(spec)
+    job = slurm.ArrayJob(spec, args.array, logs=(args.logs or logs).resolve(),
+                         lead=args.lead or slurm.stop_seconds(spec),
+                         gpus_per_task=args.gpus_per_task,
+                         gpus_per_worker=args.gpus_per_worker,
+                         cpus_per_task=args.cpus_per_task, partition=args.partition,
+                         time=args.time, requeue=args.requeue)
+    environ = dict(os.environ)
+    path = slurm.write(job, args.out or script, environ)
+    print(f"wrote {path}: {job.tasks} array tasks, one worker each "
+          f"({'one per GPU of ' + str(job.gpus_per_task) if job.gpus_per_task else 'CPU'}), "
+          f"output in {job.logs}/")
+    print(f"time limit: warned {job.lead} s before it, the task checkpoints and requeues "
+          f"itself; preempted, {'Slurm requeues it' if job.requeue else 'it is not requeued'}")
+    if note := slurm.shared_disk_note(slurm.stores(spec)):
+        print(f"note: {note}", file=sys.stderr)
+    if not args.submit:
+        print(f"submit: sbatch {path}")
+        return 0
+    job_id = slurm.submit(path, environ)
+    print(f"submitted job array {job_id}: squeue -j {job_id}; tasks' output in "
+          f"{job.logs}/optimsweep-{spec.name}-{job_id}_*.out")
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -325,7 +363,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".services", help="their data, logs and password")
     p.add_argument("--pg-port", type=int, default=55432)
     p.add_argument("--mlflow-port", type=int, default=5001)
+    p.add_argument("--slurm", action="store_true", help="also a one-machine Slurm, to try "
+                   "`optimsweep slurm` where no cluster is at hand")
     p.set_defaults(func=cmd_services)
+
+    p = sub.add_parser("slurm", help="write (and --submit) a Slurm job array of workers for "
+                       "a study")
+    p.add_argument("file", type=Path, help="sweeps/NAME.yaml")
+    p.add_argument("--array", type=int, required=True, metavar="N",
+                   help="array tasks: N workers (one per GPU of each task)")
+    p.add_argument("--gpus-per-task", type=int, metavar="K", help="GPUs Slurm gives each task")
+    p.add_argument("--gpus-per-worker", type=int, metavar="G",
+                   help="GPUs each worker of a task sees (default 1: one worker per GPU)")
+    p.add_argument("--cpus-per-task", type=int, metavar="C")
+    p.add_argument("--partition", metavar="P")
+    p.add_argument("--time", metavar="T", help="each task's time limit, as Slurm writes it "
+                   "(MINUTES, HH:MM:SS, D-HH)")
+    p.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=True,
+                   help="a preempted task is started again (default: yes)")
+    p.add_argument("--lead", type=int, metavar="S", help="seconds of warning before the time "
+                   "limit (default: the sweep's store_timeout + 30)")
+    p.add_argument("--out", type=Path, help="the script (default: slurm/STUDY.sbatch)")
+    p.add_argument("--logs", type=Path, help="the tasks' output (default: slurm/logs/)")
+    p.add_argument("--submit", action="store_true", help="submit it with sbatch")
+    p.set_defaults(func=cmd_slurm)
 
     p = sub.add_parser("data", help="find, install or download FashionMNIST")
     p.add_argument("--root", type=Path, default=None, help="default: $OPTIMSWEEP_DATA or data/")

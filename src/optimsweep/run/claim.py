@@ -25,7 +25,13 @@ from optimsweep.records.optuna_adapter import (
     start_trial,
     trial_id,
 )
-from optimsweep.records.schema import Attr, counted_trials, is_paused, is_queued
+from optimsweep.records.schema import (
+    INTERRUPTED,
+    Attr,
+    counted_trials,
+    is_paused,
+    is_queued,
+)
 from optimsweep.run.context import OpenStudy
 from optimsweep.run.life import close_paused
 from optimsweep.run.repair import fail_stale_trials
@@ -55,7 +61,10 @@ def _given(t: optuna.trial.FrozenTrial) -> dict:
 def next_enqueued(trials: list, spec: Spec, max_retry: int) -> tuple[dict, dict] | None:
     """What to run before sampling anything new, with the user attrs to give it: each
     baseline until it has a counted outcome (or is running), then the config of an
-    interrupted trial, at most `max_retry` times."""
+    interrupted trial. A trial its own process closed on Ctrl-C or SIGTERM was stopped from
+    outside (a preemption, a requeue, a user), not by its config: its config runs again
+    however often that happens, each time from its checkpoint. Any other interruption (its
+    process killed or out of memory, a store failing) counts, at most `max_retry` times."""
     for params in spec.baseline:
         if not any(t.user_attrs.get(Attr.BASELINE) and not t.user_attrs.get(Attr.INTERRUPTED)
                    and all(_given(t).get(k) == v for k, v in params.items()) for t in trials):
@@ -65,7 +74,9 @@ def next_enqueued(trials: list, spec: Spec, max_retry: int) -> tuple[dict, dict]
         retries = t.user_attrs.get(Attr.RETRIES, 0)
         if (t.user_attrs.get(Attr.INTERRUPTED) and not t.user_attrs.get(Attr.BASELINE)
                 and _given(t) and t.number not in retried and retries < max_retry):
-            return _given(t), {Attr.RETRY_OF: t.number, Attr.RETRIES: retries + 1}
+            stopped = t.user_attrs.get(Attr.ERROR) == INTERRUPTED
+            return _given(t), {Attr.RETRY_OF: t.number,
+                               Attr.RETRIES: retries + (0 if stopped else 1)}
     return None
 
 
