@@ -202,7 +202,8 @@ def test_every_task_preempted_twice_mid_trial_loses_no_work(submitter, tmp_path)
     resumed = [t for t in trials if t.user_attrs.get("resumed_from")]
     for trial in interrupted:
         goes_on = [t for t in resumed if t.user_attrs["resumed_from"]["trial"] == trial.number]
-        assert epochs_done[trial.number] == 0 or goes_on, f"trial {trial.number}'s epochs lost: {table}"
+        assert epochs_done[trial.number] == 0 or goes_on, \
+            f"trial {trial.number}'s epochs lost: {table}"
         for retry in goes_on:
             assert retry.user_attrs["resumed_from"]["epoch"] == epochs_done[trial.number], table
             assert (f"trial {retry.number}: resumed at epoch "
@@ -238,7 +239,7 @@ def test_a_partition_slurm_does_not_know_is_its_own_answer_in_one_line(submitter
                                         "--submit")
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
-        f"error: sbatch refused slurm/nopart.sbatch: error: invalid partition specified: "
+        "error: sbatch refused slurm/nopart.sbatch: error: invalid partition specified: "
         "nosuch")
     assert not submitter.slurm.run("squeue", "-h", check=False).strip()
 
