@@ -9,7 +9,7 @@ SERVICES ?= .services
 ARGS   ?=
 
 .PHONY: install data browser services services-stop sweep ui serve export best confirm train test \
-        bench bench-checkpoints bench-core bench-quality bench-scaling bench-suite lint clean
+        bench bench-checkpoints bench-core bench-quality bench-scaling bench-slurm bench-suite gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -109,6 +109,15 @@ bench-core: data
 
 bench-scaling: install
 	$(BIN)/python benchmarks/bench_scaling.py $(ARGS)
+
+# One study by 1, 2 and 4 Slurm array tasks against --workers 1, 2 and 4, on a one-machine
+# Slurm (installed with apt-get when run as root), and what Slurm adds per task start.
+bench-slurm: install
+	$(BIN)/python benchmarks/bench_slurm.py $(ARGS)
+
+# The CUDA path on a machine with GPUs: one worker per GPU, fused against alone, resume.
+gpu-check: data
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 # The test suite on slow cores (a busy loop on each), against e963250's suite, alternated
 # A B B A: about 45 minutes on 2 cores. ARGS="--avx2" holds torch to AVX2 as well.
