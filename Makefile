@@ -25,14 +25,15 @@ data: install
 sweep: data
 	$(BIN)/optimsweep sweep $(SWEEP) $(ARGS)
 
-# Debian's chromium, for the test that drives the MLflow UI in a real browser.
+# Debian's chromium, for the test that drives the MLflow UI in a real browser, and tmux, for
+# the one that reads the progress bar off a real terminal.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@command -v chromium >/dev/null 2>&1 && command -v tmux >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's chromium for the UI test ..."; \
+	    echo "installing Debian's chromium and tmux for the UI and terminal tests ..."; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends chromium >/dev/null; \
-	  else echo "chromium missing and not root: install Debian's chromium for the UI test"; fi; }
+	      --no-install-recommends chromium tmux >/dev/null; \
+	  else echo "chromium or tmux missing and not root: install them for the UI tests"; fi; }
 
 # PostgreSQL (Optuna's storage) and an MLflow tracking server (records and artifacts) on
 # loopback, for workers on many machines or in many folders: README "Scaling out".

@@ -788,13 +788,14 @@ def test_sigterm_to_a_sweeps_whole_process_group_is_waited_out_by_its_parent(tmp
     """systemd, Slurm and `timeout` signal a sweep's whole process group: the workers close
     their trials while the parent waits for them (the fork server they came from outlives
     the signal, to pass their exit codes on), and none is left behind when it exits."""
-    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 30})
+    # trials far longer than the test: under load, both workers are surely mid-training
+    path = slow_line(tmp_path, budget={"n_trials": 4, "epochs": 1000})
     spec = load(path)
     process = start("sweep", path, "--workers", 2, "--no-progress", cwd=tmp_path,
                     new_session=True)  # a group of its own, as a service's
     try:
-        wait_until(lambda: len(running_trials(spec)) == 2, timeout=90,
-                   what="both workers in a trial")
+        wait_until(lambda: len([t for t in running_trials(spec) if t.intermediate_values])
+                   == 2, timeout=90, what="both workers training a trial")
         os.killpg(process.pid, signal.SIGTERM)
         code, _, err = finish(process)
     finally:

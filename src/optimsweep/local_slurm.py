@@ -116,7 +116,17 @@ def _hardware() -> str:
 def start(folder: Path | str, ctl_port: int, d_port: int, timeout: float = 60) -> Cluster:
     """munged, slurmctld and slurmd for this folder, once the node takes jobs."""
     _install()
-    folder = Path(folder).resolve()
+    if os.geteuid() != 0:
+        raise ServiceError("the one-machine Slurm runs its daemons as root (SlurmUser=root)")
+    try:
+        return _start(Path(folder).resolve(), ctl_port, d_port, timeout)
+    except subprocess.CalledProcessError as exc:
+        stop(folder)
+        said = (exc.stderr or b"").decode(errors="replace").strip()[-300:]
+        raise ServiceError(f"{Path(exc.cmd[0]).name} did not start: {said or exc}") from exc
+
+
+def _start(folder: Path, ctl_port: int, d_port: int, timeout: float) -> Cluster:
     cluster = Cluster(folder)
     for sub in ("munge", "state", "spool", "run", "log"):
         (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -123,16 +123,19 @@ def owned_run(tracker: Tracker, start: Callable[[], str],
             raise
     finally:
         problems = []
-        for close in (before_close, lambda o: o.state == State.PAUSED or tracker.finish_run(
-                o.run_id, o.state, o.error, o.traceback)):  # a pause: before_close did it
-            if close is None or outcome.run_id is None or outcome.taken:
-                continue
-            try:
-                close(outcome)
-            except TrialTaken as exc:
-                outcome.taken = str(exc)
-            except Exception as exc:  # noqa: BLE001  (reconcile repairs it next time)
-                problems.append(exc)
+        # Telling Optuna and closing the run, both or neither: a signal between the two
+        # left a finished trial with a RUNNING run for the next command to repair
+        with signals.held():
+            for close in (before_close, lambda o: o.state == State.PAUSED or
+                          tracker.finish_run(o.run_id, o.state, o.error, o.traceback)):
+                if close is None or outcome.run_id is None or outcome.taken:
+                    continue  # a pause: before_close closed its run
+                try:
+                    close(outcome)
+                except TrialTaken as exc:
+                    outcome.taken = str(exc)
+                except Exception as exc:  # noqa: BLE001  (reconcile repairs it next time)
+                    problems.append(exc)
         if problems and not propagating:
             raise problems[0] if isinstance(problems[0], StoreError) else StoreError(
                 describe(problems[0])) from problems[0]

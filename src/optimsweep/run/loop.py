@@ -3,6 +3,7 @@ or the deadline passes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -12,6 +13,8 @@ from optimsweep.run.claim import claim
 from optimsweep.run.context import OpenStudy
 from optimsweep.run.life import run_trials
 from optimsweep.run.progress import Progress, say
+from optimsweep.run.repair import close_unstarted
+from optimsweep.util import signals
 
 log = logging.getLogger("optimsweep")
 
@@ -46,6 +49,11 @@ def run_loop(opened: OpenStudy, data, *, deadline: float | None = None,
                         f"1/{spec.asha.reduction_factor} of its rung for now")
             if bar is not None:
                 bar.update()
+    except KeyboardInterrupt:
+        # A signal between a claim and the trial's run: the trial is this process's to close
+        with contextlib.suppress(Exception), signals.held(), opened.lock():
+            close_unstarted(opened)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -31,11 +31,16 @@ def scheduler_counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
             "stopped": sum(t.state == TrialState.PRUNED for t in trials)}
 
 
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The counted trials that have their verdict (not running, not paused at a rung)."""
+    return [t for t in counted_trials(study) if t.state.is_finished()]
+
+
 class Progress:
     def __init__(self, study: optuna.Study, name: str, n_trials: int, budget: Budget):
         self.study = study
         self.budget = budget
-        self.start = len(counted_trials(study))
+        self.start = len(_finished(study))
         self.bar = tqdm(total=max(0, n_trials - self.start), desc=name, unit="trial",
                         file=sys.stderr)
         self._drawn = 0.0
@@ -53,7 +58,8 @@ class Progress:
     def update(self) -> None:
         self._drawn = time.monotonic()
         study, bar = self.study, self.bar
-        bar.n = min(bar.total, len(counted_trials(study)) - self.start)
+        # what is done, not what is claimed: a running trial shows beside it, by epoch
+        bar.n = min(bar.total, len(_finished(study)) - self.start)
         trials = study.get_trials(deepcopy=False)
         parts = []
         if any(t.state == TrialState.COMPLETE for t in trials):

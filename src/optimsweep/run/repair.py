@@ -118,6 +118,22 @@ def fail_stale_trials(opened: OpenStudy) -> list[int]:
     return failed
 
 
+def close_unstarted(opened: OpenStudy) -> list[int]:
+    """This process's RUNNING trials that it holds no more: claimed, then Ctrl-C or SIGTERM
+    came before their life began. Closed here as a signal closes a trial (failed,
+    interrupted, a FAILED run), not left to the next command's repair and its note."""
+    me, runs, closed = (socket.gethostname(), os.getpid()), None, []
+    for t in opened.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if (t.user_attrs.get(Attr.HOST), t.user_attrs.get(Attr.PID)) != me or \
+                trial_id(t) in opened.live:
+            continue
+        if runs is None:
+            runs = opened.tracker.runs(opened.ref.experiment_id, TRIAL_ROLE)
+        _fail_with_run(opened, t, INTERRUPTED, runs)
+        closed.append(t.number)
+    return closed
+
+
 def _close_leftover_waiting(opened: OpenStudy) -> list[str]:
     """Claims enqueue and start in one step, so a queued trial (WAITING, not paused) is
     one whose process died in between. While the budget has room the next claim runs it;
