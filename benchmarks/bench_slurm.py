@@ -1,10 +1,11 @@
 """One study run by 1, 2 and 4 Slurm array tasks against the same study run by `--workers`
 1, 2 and 4 (`make bench-slurm`), on a one-machine Slurm and one PostgreSQL + MLflow server,
-all on this machine; and what Slurm adds to each task's start.
+all on this machine; and what Slurm itself takes to start and end N tasks.
 
 Each pair (array of N, `--workers N`) runs its own study of the same size, alternated in one
 run, so the figures compare. Wall time counts from `sbatch` (or the command's start) to the
-last task's end (or the command's exit). Slurm's own overhead is measured apart: an array
+last task's end (or the command's exit); writing the script (`optimsweep slurm`, one Python
+start) is not counted. Slurm's own overhead is measured apart: an array
 of N tasks that run `true`, from `sbatch` to the last one gone from `squeue`.
 """
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -55,11 +58,12 @@ def wait_gone(cluster, job: str) -> None:
 def by_slurm(cluster, env: dict, folder: Path, tasks: int, n_trials: int,
              epochs: int) -> float:
     path = sweep_file(folder, f"slurm{tasks}-{int(time.time())}", n_trials, epochs)
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "optimsweep.cli", "slurm", str(path),
-                          "--array", str(tasks), "--submit"], cwd=folder, env=env,
-                         capture_output=True, text=True, check=True).stdout
-    job = out.split("submitted job array ")[1].split(":")[0]
+    subprocess.run([sys.executable, "-m", "optimsweep.cli", "slurm", str(path), "--array",
+                    str(tasks), "--out", str(folder / "job.sbatch")], cwd=folder, env=env,
+                   capture_output=True, text=True, check=True)
+    start = time.perf_counter()  # from sbatch, as `--workers` from its command's start
+    job = cluster.run("sbatch", "--parsable", str(folder / "job.sbatch"), cwd=folder).strip()
+    job = job.split(";")[0]
     wait_gone(cluster, job)
     wall = time.perf_counter() - start
     failed = [line for line in cluster.run("scontrol", "show", "job", job, "-o",
@@ -92,6 +96,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--n-trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="medians of this many, the "
+                        "array and --workers alternated (A B, then B A)")
     args = parser.parse_args()
     print(f"{cpu_line()}; regression task, {args.n_trials} trials of {args.epochs} epochs "
           "per study; one PostgreSQL, one MLflow server, a one-machine Slurm (2 tasks a "
@@ -105,22 +111,30 @@ def main() -> None:
         env = cluster.environ({**os.environ, "OPTIMSWEEP_STORAGE": endpoints.storage,
                                "MLFLOW_TRACKING_URI": endpoints.tracking_uri})
         for n in args.tasks:
-            folder = root / f"n{n}"
-            slurm = by_slurm(cluster, env, folder, n, args.n_trials, args.epochs)
-            workers = by_workers(env, folder, n, args.n_trials, args.epochs)
-            empty = empty_array(cluster, folder, n)
-            rows.append((n, slurm, workers, empty))
-            print(f"  {n}: array {slurm:.1f} s, --workers {workers:.1f} s, "
-                  f"empty array {empty:.1f} s", flush=True)
+            folder, times = root / f"n{n}", {"array": [], "workers": [], "empty": []}
+            for r in range(args.rounds):
+                runs = [("array", partial(by_slurm, cluster, env, folder, n, args.n_trials,
+                                          args.epochs)),
+                        ("workers", partial(by_workers, env, folder, n, args.n_trials,
+                                            args.epochs))]
+                for what, measure in runs if r % 2 == 0 else runs[::-1]:
+                    times[what].append(measure())
+                times["empty"].append(empty_array(cluster, folder, n))
+                print(f"  {n} round {r + 1}: array {times['array'][-1]:.1f} s, --workers "
+                      f"{times['workers'][-1]:.1f} s, empty array {times['empty'][-1]:.2f} s",
+                      flush=True)
+            rows.append((n, *(statistics.median(times[k]) for k in ("array", "workers",
+                                                                   "empty"))))
     finally:
         local_slurm.stop(root / "slurm")
         services.stop(root / "services")
         shutil.rmtree(root, ignore_errors=True)
+    print(f"medians of {args.rounds} rounds:")
     print(f"{'N':>2} {'array of N (s)':>15} {'--workers N (s)':>16} {'array/workers':>14} "
-          f"{'empty array of N (s)':>21} {'Slurm per task start (s)':>25}")
+          f"{'empty array of N (s)':>21}")
     for n, slurm, workers, empty in rows:
         print(f"{n:>2} {slurm:>15.1f} {workers:>16.1f} {slurm / workers:>13.2f}x "
-              f"{empty:>21.1f} {empty / n:>25.2f}")
+              f"{empty:>21.2f}")
 
 
 if __name__ == "__main__":

@@ -77,9 +77,10 @@ class Cluster:
         """An environment whose Slurm commands reach this cluster."""
         return {**(os.environ if base is None else base), "SLURM_CONF": str(self.conf)}
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> str:
+    def run(self, *argv: str, check: bool = True, timeout: float = 30,
+            cwd: Path | None = None) -> str:
         done = subprocess.run(list(argv), env=self.environ(), capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, cwd=cwd)
         if check and done.returncode != 0:
             raise ServiceError(f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}")
         return done.stdout
