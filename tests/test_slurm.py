@@ -6,6 +6,8 @@ shell alone) while they train; the records must hold, and no work be lost."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import subprocess
 import time
@@ -34,8 +36,6 @@ class Submitter:
     in PGPASSWORD too, as some users keep it: none of it may reach Slurm's records."""
 
     def __init__(self, servers, slurm, tmp_path: Path):
-        import os
-
         self.password = Path(servers.folder, "password").read_text().strip()
         self.slurm, self.folder = slurm, tmp_path
         self.env = slurm.environ({**os.environ, "PYTHONUNBUFFERED": "1",
@@ -52,8 +52,6 @@ class Submitter:
         return path
 
     def spec(self, path: Path):
-        import dataclasses
-
         return dataclasses.replace(load_spec(path), storage=self.env["OPTIMSWEEP_STORAGE"],
                                    tracking_uri=self.env["MLFLOW_TRACKING_URI"])
 

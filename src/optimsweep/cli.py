@@ -259,14 +259,14 @@ def cmd_slurm(args) -> int:
                          gpus_per_worker=args.gpus_per_worker,
                          cpus_per_task=args.cpus_per_task, partition=args.partition,
                          time=args.time, requeue=args.requeue)
-    environ = dict(os.environ)
-    path = slurm.write(job, args.out or script, environ)
+    environ, urls = dict(os.environ), slurm.stores(spec)  # a password refused: no script
+    path = slurm.write(job, args.out or script, urls, environ)
     print(f"wrote {path}: {job.tasks} array tasks, one worker each "
           f"({'one per GPU of ' + str(job.gpus_per_task) if job.gpus_per_task else 'CPU'}), "
           f"output in {job.logs}/")
     print(f"time limit: warned {job.lead} s before it, the task checkpoints and requeues "
           f"itself; preempted, {'Slurm requeues it' if job.requeue else 'it is not requeued'}")
-    if note := slurm.shared_disk_note(slurm.stores(spec)):
+    if note := slurm.shared_disk_note(urls):
         print(f"note: {note}", file=sys.stderr)
     if not args.submit:
         print(f"submit: sbatch {path}")

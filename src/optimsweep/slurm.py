@@ -27,10 +27,11 @@ from optimsweep.errors import SpecError, UsageError
 from optimsweep.records.storage import is_journal, resolve_storage
 from optimsweep.records.tracking import resolve_tracking_uri
 from optimsweep.sweep.spec import Spec
+from optimsweep.util.atomic import write_text_atomic
 from optimsweep.util.urls import redact
 
 CLOSE_SECONDS = 30  # a worker's last checkpoint write and its store calls, stores answering
-TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$|^\d+-\d+$")  # Slurm's --time forms
+TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")  # Slurm's --time forms
 # What a task's shell needs to find the tools (the job gets none of the submitter's
 # environment: any secret in it would be recorded with the job).
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -199,15 +200,12 @@ def task_environ(urls: dict[str, str], environ: dict[str, str]) -> dict[str, str
     return out
 
 
-def write(job: ArrayJob, path: Path, environ: dict[str, str]) -> Path:
+def write(job: ArrayJob, path: Path, urls: dict[str, str], environ: dict[str, str]) -> Path:
+    """The script at `path` (whole, or not at all); `urls`: `stores(job.spec)`."""
     text = script(job, workdir=Path.cwd(), command=worker_command(),
-                  environ=task_environ(stores(job.spec), environ))
-    path.parent.mkdir(parents=True, exist_ok=True)
+                  environ=task_environ(urls, environ))
     job.logs.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o700)
-    tmp.replace(path)
+    write_text_atomic(path, text).chmod(0o700)
     return path
 
 

@@ -4,6 +4,7 @@ own, as `cuda:0`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 
+@functools.cache  # read once a process, not at each trial's start
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
