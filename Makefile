@@ -9,14 +9,15 @@ SERVICES ?= .services
 ARGS   ?=
 
 .PHONY: install data browser services services-stop sweep ui serve export best confirm train test \
-        bench bench-checkpoints bench-core bench-quality bench-scaling bench-slurm bench-suite gpu-check lint clean
+        bench bench-checkpoints bench-core bench-quality bench-scaling bench-slurm bench-suite gpu-check lint clean \
+        docs docs-serve docs-screenshots
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,postgres]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,postgres,docs]'
 	touch $@
 
 data: install
@@ -36,7 +37,7 @@ browser:
 	  else echo "chromium or tmux missing and not root: install them for the UI tests"; fi; }
 
 # PostgreSQL (Optuna's storage) and an MLflow tracking server (records and artifacts) on
-# loopback, for workers on many machines or in many folders: README "Scaling out".
+# loopback, for workers on many machines or in many folders: docs/guide/scaling-out.md.
 services: install
 	$(BIN)/optimsweep services start --dir $(SERVICES) $(ARGS)
 
@@ -84,8 +85,22 @@ train: data
 # Tests in parallel workers, one per core (conftest.py gives each its share of torch's
 # threads, and sends the server tests to one worker, which alone starts the servers).
 TEST_WORKERS ?= auto
-test: data browser
+test: data browser docs
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(ARGS)
+
+# The docs site (MkDocs, Material theme) into site/, strictly: a broken link, a missing page
+# or a reference that can't be written from the code fails the build. docs-serve: on
+# http://127.0.0.1:8000, rebuilt as the pages change.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1
+docs: install
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: install
+	$(DOCS_ENV) $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+# The MLflow UI screenshot the README and the docs show, taken anew (about 2 minutes).
+docs-screenshots: data browser
+	$(BIN)/python docs/screenshots.py
 
 # Trials per hour: fused against sequential, fp32 against bf16, Adam against SGD, the default
 # study end to end (about 15 minutes on 2 cores), then what checkpoints cost a trial (5-10
@@ -95,26 +110,26 @@ test: data browser
 # it, e.g. ARGS="--train-subset 2000 --val-size 1000 --epochs 3 --n-trials 6 --seeds 0").
 # bench-core: the core against the tutorial.
 bench: data
-	$(BIN)/python benchmarks/bench_sweep.py $(ARGS)
-	$(BIN)/python benchmarks/bench_checkpoints.py
-	$(BIN)/python benchmarks/bench_time_to_quality.py
+	$(BIN)/python benchmarks/bench_sweep.py --results docs/results $(ARGS)
+	$(BIN)/python benchmarks/bench_checkpoints.py --results docs/results
+	$(BIN)/python benchmarks/bench_time_to_quality.py --results docs/results
 
 bench-quality: data
-	$(BIN)/python benchmarks/bench_time_to_quality.py $(ARGS)
+	$(BIN)/python benchmarks/bench_time_to_quality.py --results docs/results $(ARGS)
 
 bench-checkpoints: data
-	$(BIN)/python benchmarks/bench_checkpoints.py $(ARGS)
+	$(BIN)/python benchmarks/bench_checkpoints.py --results docs/results $(ARGS)
 
 bench-core: data
-	$(BIN)/python benchmarks/bench_core.py $(ARGS)
+	$(BIN)/python benchmarks/bench_core.py --results docs/results $(ARGS)
 
 bench-scaling: install
-	$(BIN)/python benchmarks/bench_scaling.py $(ARGS)
+	$(BIN)/python benchmarks/bench_scaling.py --results docs/results $(ARGS)
 
 # One study by 1, 2 and 4 Slurm array tasks against --workers 1, 2 and 4, on a one-machine
 # Slurm (installed with apt-get when run as root), and what Slurm adds per task start.
 bench-slurm: install
-	$(BIN)/python benchmarks/bench_slurm.py $(ARGS)
+	$(BIN)/python benchmarks/bench_slurm.py --results docs/results $(ARGS)
 
 # The CUDA path on a machine with GPUs: one worker per GPU, fused against alone, resume.
 gpu-check: data
@@ -123,7 +138,7 @@ gpu-check: data
 # The test suite on slow cores (a busy loop on each), against e963250's suite, alternated
 # A B B A: about 45 minutes on 2 cores. ARGS="--avx2" holds torch to AVX2 as well.
 bench-suite: data browser
-	$(BIN)/python benchmarks/bench_suite.py $(ARGS)
+	$(BIN)/python benchmarks/bench_suite.py --results docs/results $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples

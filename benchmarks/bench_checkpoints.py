@@ -23,8 +23,11 @@ of the checkpoint file the store kept. The write share is measured within each t
 wall ratios also carry whatever else the machine runs, which on a shared machine can swamp a
 cost of 1%.
 
+With --results DIR the table is also written to DIR/bench_checkpoints.md with the date,
+commit and CPU (`make bench`, `make bench-checkpoints`: docs/results).
+
 Usage: python benchmarks/bench_checkpoints.py [--device cpu|cuda] [--rounds 3]
-       [--epochs 15] [--train-images N]
+       [--epochs 15] [--train-images N] [--results DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from bench_sweep import DEFAULT_STUDY, machine
+import results
+from bench_sweep import DEFAULT_STUDY, images, machine
 from core_loops import load_fashion_mnist
 from optimsweep.core.checkpoint import AUTO_SHARE
 from optimsweep.core.data import Dataset, prepare_fashion_mnist
@@ -49,6 +53,8 @@ from optimsweep.sweep.check import load_spec
 
 VARIANTS = {"none": None, "auto": "auto", "each": 0.0}  # name: checkpoint.every
 NAMES = {"none": "no checkpoints", "auto": "every: auto", "each": "every: 0 (each epoch)"}
+LABELS = {"none": "no checkpoints", "auto": "`every: auto` (default)",
+          "each": "`every: 0` (each epoch)"}
 
 
 def trial_config(epochs: int, device: str) -> TrainConfig:
@@ -101,8 +107,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15, help="per trial (the study's: 15)")
     parser.add_argument("--train-images", type=int, default=None)
+    results.option(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
+    out = results.Results(args.results, __file__, "bench-checkpoints")
     print(machine(device))
     prepare_fashion_mnist()
     data = load_fashion_mnist(device=device, train_subset=args.train_images)
@@ -141,25 +149,44 @@ def main() -> None:
         return statistics.median(f(row[v], row) for row in rows)
 
     print(f"\nmedians of {args.rounds} round(s), alternated:")
-    shares = {}
+    shares, table = {}, []
+    met = None
     for v in VARIANTS:
-        line = (f"  {NAMES[v]:<22} {median(v, lambda m, _: m['wall']):7.2f} s per trial "
+        wall = median(v, lambda m, _: m["wall"])
+        line = (f"  {NAMES[v]:<22} {wall:7.2f} s per trial "
                 f"(training + validation {median(v, lambda m, _: m['trained']):.2f} s)")
+        cells = [LABELS[v], f"{wall:.1f}", "-", "-", "-", "1.00x"]
         if v != "none":
             shares[v] = median(v, lambda m, _: m["write_s"] / m["trained"])
             ratio = median(v, lambda m, row: m["wall"] / row["none"]["wall"])
-            line += (f"; {median(v, lambda m, _: m['writes']):g} writes, "
-                     f"{median(v, lambda m, _: m['write_s']):.3f} s = {shares[v]:.2%} of "
+            writes, write_s = (median(v, lambda m, _: m["writes"]),
+                               median(v, lambda m, _: m["write_s"]))
+            line += (f"; {writes:g} writes, "
+                     f"{write_s:.3f} s = {shares[v]:.2%} of "
                      f"training; wall {ratio:.3f}x no checkpoints")
+            share = f"{shares[v]:.2%}"
+            if v == "auto":
+                met = "met" if shares["auto"] <= AUTO_SHARE else "MISSED"
+                share += f" (target {AUTO_SHARE:.0%}: {met})"
+            cells[2:] = [f"{writes:g}", f"{write_s:.2f}", share, f"{ratio:.2f}x"]
         print(line)
+        table.append(cells)
     if sizes:
-        print(f"checkpoint file: {statistics.median(sizes) / 1e6:.2f} MB; files kept per "
-              f"run: {', '.join(map(str, sorted(kept)))}")
+        size = (f"{statistics.median(sizes) / 1e6:.2f} MB; files kept per "
+                f"run: {', '.join(map(str, sorted(kept)))}")
     else:
-        print("checkpoint file: none written")
-    met = "met" if shares["auto"] <= AUTO_SHARE else "MISSED"
+        size = "none written"
+    print(f"checkpoint file: {size}")
     print(f"target: every: auto writes in at most {AUTO_SHARE:.0%} of a trial's training "
           f"time: {met} ({shares['auto']:.2%})")
+    out.write([results.Table(
+        [f"one {config.epochs}-epoch trial, medians of {args.rounds} rounds", "trial s",
+         "writes", "write s (capture included)", "share of training", "wall vs none"], table,
+        f"One default-study trial ({config.optimizer} lr {config.lr:g}, {config.scheduler} "
+        f"schedule, batch {config.batch_size}, {config.precision}; "
+        f"{images(len(data.train_y))} training images, {images(len(data.val_y))} validated "
+        "each epoch), checkpoints into its MLflow run (SQLite store), variants alternated.")],
+        [f"The checkpoint file: {size}."])
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@
 
 The loops run interleaved in rounds (tutorial, core 64, matmul floor 64, core 256, roofline)
 and ratios are taken within each round: this machine's speed drifts by up to 1.7x over
-minutes, and a slow phase then hits both sides of a ratio. Medians over rounds are printed.
+minutes, and a slow phase then hits both sides of a ratio. Medians over rounds are printed;
+with --results DIR, written to DIR/bench_core.md too, with the date, commit and CPU
+(`make bench-core`: docs/results).
 
 Usage: python benchmarks/bench_core.py [--device cpu|cuda] [--rounds 3] [--train-images N]
-       [--roofline-sizes 2048,4096]
+       [--roofline-sizes 2048,4096] [--results DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+import results
 from core_loops import evaluate, load_fashion_mnist, train_epoch
 from optimsweep.core.data import _split, default_data_root, prepare_fashion_mnist
 from optimsweep.core.models import NeuralNetwork
@@ -168,7 +171,9 @@ def main() -> None:
     parser.add_argument("--roofline-sizes", default="2048,4096",
                         help="square matrix sizes whose best multiply is the roofline (a quick "
                              "check can skip 4096, which takes most of a round on a CPU)")
+    results.option(parser)
     args = parser.parse_args()
+    out = results.Results(args.results, __file__, "bench-core")
     roofline_sizes = [int(size) for size in args.roofline_sizes.split(",")]
     device = torch.device(args.device)
     prepare_fashion_mnist()
@@ -215,6 +220,25 @@ def main() -> None:
           f"matmuls alone would give {med('ceiling'):.2f}x")
     print(f"core at batch 256, share of the matmul roofline ({med('roof') / 1e9:.0f} GFLOP/s at "
           f"{FLOP_PER_SAMPLE / 1e6:.1f} MFLOP/sample): {med('share256'):.1%}")
+    images = f"{n // 1000}k" if n % 1000 == 0 else str(n)
+    out.write([
+        results.Table([f"per epoch, {images} images", "seconds"], [
+            ["tutorial loop, batch 64", f"{med('tutorial'):.2f}"],
+            ["optimsweep core, batch 64", f"{med('core64'):.2f}"],
+            ["the same step's 8 matmuls alone, batch 64", f"{med('floor64'):.2f}"],
+            ["optimsweep core, batch 256", f"{med('core256'):.2f}"]],
+            f"Training only, medians of {len(rows)} interleaved round(s)."),
+        results.Table(["medians of per-round ratios", ""], [
+            ["speed-up over the tutorial at batch 64, training only", f"{med('speedup'):.2f}x"],
+            ["the same, with each epoch's evaluation pass", f"{med('speedup_eval'):.2f}x"],
+            ["the matmuls alone over the tutorial at batch 64 (the ceiling)",
+             f"{med('ceiling'):.2f}x"],
+            ["the core against its matmuls alone, batch 64", f"{med('core_over_floor'):.2f}x"],
+            ["the matmul roofline (best square fp32 multiply)",
+             f"{med('roof') / 1e9:.0f} GFLOP/s"],
+            ["core at batch 256, share of the roofline "
+             f"({FLOP_PER_SAMPLE / 1e6:.1f} MFLOP a sample)", f"{med('share256'):.1%}"]])])
+
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,9 @@ Each worker is `optimsweep sweep FILE` in its own folder, as on separate machine
 count of workers runs its own study of the same size, one after another in one run, so the
 figures compare. "Wall" counts from starting the workers to the last one exiting (process
 start and the study's closing summary included); "trials" counts from the first trial's
-start to the last trial's end, from Optuna's own timestamps.
+start to the last trial's end, from Optuna's own timestamps. With --results DIR the table is
+also written to DIR/bench_scaling.md with the date, commit and CPU (`make bench-scaling`:
+docs/results).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import optuna
 import yaml
 
+import results
 from cpu import cpu_line
 from optimsweep import services
 
@@ -82,7 +85,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--n-trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=5)
+    results.option(parser)
     args = parser.parse_args()
+    out = results.Results(args.results, __file__, "bench-scaling")
     print(f"{cpu_line()}; regression task, {args.n_trials} "
           f"trials of {args.epochs} epochs per study; one PostgreSQL, one MLflow server")
     root = Path(tempfile.mkdtemp(prefix="optimsweep-bench-"))
@@ -100,6 +105,15 @@ def main() -> None:
         print(f"{r['workers']:>7} {r['trials']:>6} {r['wall']:>7.1f} "
               f"{60 * r['trials'] / r['wall']:>18.1f} {60 * r['trials'] / r['busy']:>20.1f} "
               f"{r['trials'] / r['busy'] / base:>10.2f}x {r['connections']:>18}")
+    out.write([results.Table(
+        ["workers", "trials/min while trials run", "ratio",
+         "trials/min, process start and summary included", "connections per worker (peak)"],
+        [[r["workers"], f"{60 * r['trials'] / r['busy']:.1f}",
+          f"{r['trials'] / r['busy'] / base:.2f}x", f"{60 * r['trials'] / r['wall']:.1f}",
+          r["connections"]] for r in rows],
+        f"{args.n_trials} regression trials of {args.epochs} epochs a study, each worker "
+        "`optimsweep sweep` in its own folder; one PostgreSQL and one MLflow server on the "
+        "same machine.")])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Each pair (array of N, `--workers N`) runs its own study of the same size, alter
 run, so the figures compare. Wall time counts from `sbatch` (or the command's start) to the
 last task's end (or the command's exit); writing the script (`optimsweep slurm`, one Python
 start) is not counted. Slurm's own overhead is measured apart: an array
-of N tasks that run `true`, from `sbatch` to the last one gone from `squeue`.
+of N tasks that run `true`, from `sbatch` to the last one gone from `squeue`. With
+--results DIR the table is also written to DIR/bench_slurm.md with the date, commit and CPU
+(`make bench-slurm`: docs/results).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+import results
 from cpu import cpu_line
 from optimsweep import local_slurm, services
 
@@ -98,7 +101,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="medians of this many, the "
                         "array and --workers alternated (A B, then B A)")
+    results.option(parser)
     args = parser.parse_args()
+    out = results.Results(args.results, __file__, "bench-slurm")
     print(f"{cpu_line()}; regression task, {args.n_trials} trials of {args.epochs} epochs "
           "per study; one PostgreSQL, one MLflow server, a one-machine Slurm (2 tasks a "
           "core)", flush=True)
@@ -135,6 +140,15 @@ def main() -> None:
     for n, slurm, workers, empty in rows:
         print(f"{n:>2} {slurm:>15.1f} {workers:>16.1f} {slurm / workers:>13.2f}x "
               f"{empty:>21.2f}")
+    out.write([results.Table(
+        ["N", "array of N tasks", "`--workers N`", "array / workers",
+         "empty array of N tasks (Slurm alone)"],
+        [[n, f"{slurm:.1f} s", f"{workers:.1f} s", f"{slurm / workers:.2f}x", f"{empty:.2f} s"]
+         for n, slurm, workers, empty in rows],
+        f"{args.n_trials} regression trials of {args.epochs} epochs a study; medians of "
+        f"{args.rounds} rounds, array and `--workers` alternated; wall time from `sbatch`, or "
+        "from the command's start; one PostgreSQL, one MLflow server and a one-machine Slurm "
+        "on the same cores.")])
 
 
 if __name__ == "__main__":

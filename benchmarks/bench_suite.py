@@ -16,10 +16,11 @@ and how often more of the suite's processes were runnable than there are cores (
 loops' equal share lets the suite run faster than on really slow cores). Then the ratio of
 the medians, and that ratio times the reference's seconds: the figure it puts on the
 reference machine. The emulation takes the slow machine as two cores of its own each; two
-hyperthreads of one core would be slower.
+hyperthreads of one core would be slower. With --results DIR the tables are also written to
+DIR/bench_suite.md with the date, commit and CPU (`make bench-suite`: docs/results).
 
 Usage: python benchmarks/bench_suite.py [--base e963250] [--reference-seconds 818]
-       [--order ABBA] [--avx2] [--no-slow-cores]
+       [--order ABBA] [--avx2] [--no-slow-cores] [--results DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+import results
 from cpu import cpu_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +122,9 @@ def main() -> None:
     parser.add_argument("--order", default="ABBA")
     parser.add_argument("--avx2", action="store_true", help="torch, MKL, oneDNN at AVX2")
     parser.add_argument("--no-slow-cores", dest="slow", action="store_false")
+    results.option(parser)
     args = parser.parse_args()
+    out = results.Results(args.results, __file__, "bench-suite")
 
     print(cpu_line())
     print(f"slow cores: {'a busy loop on each core' if args.slow else 'off'}; "
@@ -139,10 +143,14 @@ def main() -> None:
             for label, (_, _, name) in trees.items():
                 print(f"{label}: {name}, pytest {' '.join(trees[label][1]) or '(one process)'}")
             walls: dict[str, list[float]] = {"A": [], "B": []}
+            each = []
             for k, label in enumerate(args.order):
-                tree, pytest_args, _ = trees[label]
+                tree, pytest_args, name = trees[label]
                 r = run_suite(tree, pytest_args, env, Path(tmp) / f"{k}{label}.log", args.slow)
                 walls[label].append(r["wall"])
+                each.append([k + 1, f"{label}: {name}", f"{r['wall']:.1f} s",
+                             f"{r['loops_cpu']:.1f}", f"{r['over']:.1%}",
+                             f"rc {r['rc']}, {r['summary']}"])
                 print(f"  {label} {r['wall']:7.1f} s  rc {r['rc']}  busy loops "
                       f"{r['loops_cpu']:6.1f} CPU s  more runnable than cores "
                       f"{r['over']:5.1%}  {r['summary']}", flush=True)
@@ -154,6 +162,21 @@ def main() -> None:
               f"machine: {args.reference_seconds / a:.2f}x slower there")
         print(f"B / A: {b / a:.3f}x (medians); at A's {args.reference_seconds:.0f} s there, "
               f"B would take about {b / a * args.reference_seconds:.0f} s")
+        cores = ("slow (a busy loop on each core)" if args.slow else "plain") + (
+            ", torch, MKL and oneDNN at AVX2" if args.avx2 else "")
+        out.write([
+            results.Table(
+                ["cores", f"{args.base}'s suite (A)", "this suite (B)", "B / A (medians)",
+                 f"B where A took {args.reference_seconds:.0f} s"],
+                [[cores, ", ".join(f"{w:.1f}" for w in walls["A"]) + " s",
+                  ", ".join(f"{w:.1f}" for w in walls["B"]) + " s", f"{b / a:.3f}x",
+                  f"about {b / a * args.reference_seconds:.0f} s"]],
+                f"Wall seconds of each run, A ({args.base}, pytest "
+                f"{args.base_args or 'in one process'}) and B (this checkout, pytest "
+                f"{args.args}) alternated {args.order}; the ratio carried over to A's "
+                f"{args.reference_seconds:.0f} s on the reference machine."),
+            results.Table(["run", "suite", "wall", "busy loops, CPU s",
+                           "more runnable than cores", "pytest"], each)])
 
 
 if __name__ == "__main__":

@@ -9,10 +9,14 @@
    core runs), epoch by epoch, so a slowdown that grows with training shows.
 3. The default study end to end (`sweeps/fashion_mnist.yaml`, its 30 trials x 15 epochs) with
    `fuse: auto`, in a temporary folder: seconds, and the best trial's test accuracy; in fp32
-   by one process unless --study says otherwise (bf16:2 = precision bf16, --workers 2).
+   by one process unless --study says otherwise (bf16:2 = precision bf16, --workers 2;
+   fp32:1:8 = `fuse: 8` in the file).
+
+With --results DIR the tables are also written to DIR/bench_sweep.md with the date, commit
+and CPU (`make bench`: docs/results).
 
 Usage: python benchmarks/bench_sweep.py [--device cpu|cuda] [--rounds 2] [--skip-study]
-       [--ks 1,4,8,16] [--train-images N] [--study fp32:1,bf16:2]
+       [--ks 1,4,8,16] [--train-images N] [--study fp32:1,bf16:2,fp32:1:8] [--results DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import optuna
 import torch
 import yaml
 
+import results
 from core_loops import load_fashion_mnist
 from cpu import cpu
 from optimsweep.core.data import Dataset, prepare_fashion_mnist
@@ -40,6 +45,9 @@ from optimsweep.sweep.space import suggest_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = ROOT / "sweeps" / "fashion_mnist.yaml"
+OPTIMIZERS = {"sgd": "SGD", "momentum": "momentum SGD", "adam": "Adam"}
+
+
 def machine(device: torch.device) -> str:
     model, flags = cpu()
     text = (f"CPU: {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
@@ -83,8 +91,12 @@ def measure_one(k: int, precision: str, device: torch.device, train_images: int 
     print(trial_epochs_per_second(configs, precision, data))
 
 
+def images(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
 def fused_table(data, device: torch.device, ks: list[int], rounds: int,
-                train_images: int | None) -> None:
+                train_images: int | None) -> results.Table:
     precisions = ["fp32", "bf16"]
     variants = [(k, p) for k in ks for p in precisions]
     rows = []
@@ -107,13 +119,25 @@ def fused_table(data, device: torch.device, ks: list[int], rounds: int,
     base = (1, "fp32") if 1 in ks else variants[0]
     print(f"\nmedian of per-round ratios against the sequential core ({base[0]} member, "
           f"{base[1]}):")
+    cells = {}
     for v in variants:
         ratio = statistics.median(row[v] / row[base] for row in rows)
-        print(f"  K={v[0]:<3} {v[1]}: {statistics.median(row[v] for row in rows):7.3f} "
+        median = statistics.median(row[v] for row in rows)
+        print(f"  K={v[0]:<3} {v[1]}: {median:7.3f} "
               f"trial-epochs/s  = {ratio:5.2f}x")
+        cells[v] = f"{median:.3f} ({ratio:.2f}x)"
+    against = ("the sequential core in fp32" if base == (1, "fp32")
+               else f"K = {base[0]} in {base[1]}")
+    return results.Table(
+        [f"trial-epochs per second, {images(len(data.train_y))} images at batch 64, "
+         "default-study configs", *precisions],
+        [["sequential core (a group of one)" if k == 1 else f"fused, K = {k}",
+          *(cells[k, p] for p in precisions)] for k in ks],
+        f"Medians of {rounds} interleaved round(s), each measurement in a fresh process; "
+        f"ratios taken within each round, against {against}.")
 
 
-def adam_against_sgd(data, device: torch.device, epochs: int) -> None:
+def adam_against_sgd(data, device: torch.device, epochs: int) -> results.Table:
     print(f"\n2. seconds per epoch over {epochs} epochs, batch 64 (training + validation)")
     runs = {}
     for optimizer, lr in (("sgd", 1e-2), ("adam", 7.7e-3)):  # the issue's slow Adam trial
@@ -128,18 +152,62 @@ def adam_against_sgd(data, device: torch.device, epochs: int) -> None:
     print(f"  total: sgd {sum(sgd):.1f} s, adam {sum(adam):.1f} s: adam/sgd = "
           f"{sum(adam) / sum(sgd):.2f}x (last epoch {adam[-1] / sgd[-1]:.2f}x); test accuracy "
           f"sgd {runs['sgd'].test_accuracy:.2%}, adam {runs['adam'].test_accuracy:.2%}")
+    return results.Table(
+        [f"{epochs} epochs at batch 64, training + validation", "SGD", "Adam"],
+        [[f"seconds, all {epochs} epochs", f"{sum(sgd):.1f}",
+          f"{sum(adam):.1f} ({sum(adam) / sum(sgd):.2f}x SGD; target 1.2x)"],
+         ["first / last epoch", f"{sgd[0]:.2f} / {sgd[-1]:.2f}",
+          f"{adam[0]:.2f} / {adam[-1]:.2f}"]])
 
 
-def default_study(device: torch.device, workers: int = 1, precision: str = "fp32") -> None:
+def study_label(precision: str, workers: int, fuse: int | None) -> str:
+    """A row of the default-study table: fp32, one process (as shipped); bf16, `--workers 2`."""
+    label = f"{precision}, " + ("one process" if workers == 1 else f"`--workers {workers}`")
+    if fuse is not None:
+        label += f", `fuse: {fuse}`"
+    return label + (" (as shipped)" if (precision, workers, fuse) == ("fp32", 1, None) else "")
+
+
+def best_trial(folder: Path) -> str:
+    """The best COMPLETE trial of the study the sweep in `folder` ran (the default journal
+    storage there), as the results table shows it."""
+    journal = folder / "mlruns" / "optuna.journal"
+    if not journal.exists():
+        return "-"
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=load_spec(DEFAULT_STUDY).name, storage=storage)
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        return "-"
+    best = max(done, key=lambda t: t.value)
+    p, test = best.params, best.user_attrs.get("test_accuracy")
+    config = ", ".join(filter(None, [
+        OPTIMIZERS.get(p.get("optimizer"), p.get("optimizer")),
+        "lr " + f"{p['lr']:.1e}".replace("e-0", "e-") if "lr" in p else None,
+        f"batch {p['batch_size']}" if "batch_size" in p else None,
+        ("no schedule" if p.get("scheduler") == "none" else p.get("scheduler"))]))
+    return (f"trial {best.number}, {config}: {best.value:.2%} val"
+            + ("" if test is None else f" / {test:.2%} test"))
+
+
+def default_study(device: torch.device, workers: int = 1, precision: str = "fp32",
+                  fuse: int | None = None) -> list[str]:
     """The default study's file as shipped, but for `precision` (added as fixed: where it is
-    not fp32), run by `optimsweep sweep --workers N` in a temporary folder."""
-    print(f"\n3. the default study end to end ({DEFAULT_STUDY.name}, fuse: auto = "
-          f"{default_fuse(device)}, precision {precision}, --workers {workers})")
+    not fp32) and `fuse` (where given), run by `optimsweep sweep --workers N` in a temporary
+    folder. Returns its row of the results table."""
+    fused = f"fuse: {fuse}" if fuse is not None else f"fuse: auto = {default_fuse(device)}"
+    print(f"\n3. the default study end to end ({DEFAULT_STUDY.name}, {fused}, "
+          f"precision {precision}, --workers {workers})")
+    row = [study_label(precision, workers, fuse), "failed", "-"]
     with tempfile.TemporaryDirectory() as tmp:
         sweep = DEFAULT_STUDY
-        if precision != "fp32":
+        if precision != "fp32" or fuse is not None:
             doc = yaml.safe_load(DEFAULT_STUDY.read_text())
-            doc.setdefault("fixed", {})["precision"] = precision
+            if precision != "fp32":
+                doc.setdefault("fixed", {})["precision"] = precision
+            if fuse is not None:
+                doc["fuse"] = fuse
             sweep = Path(tmp) / DEFAULT_STUDY.name
             sweep.write_text(yaml.safe_dump(doc, sort_keys=False))
         start = time.perf_counter()
@@ -149,12 +217,14 @@ def default_study(device: torch.device, workers: int = 1, precision: str = "fp32
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             print(f"  failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-            return
+            return [row[0], f"failed (exit {done.returncode})", "-"]
         best = subprocess.run([sys.executable, "-m", "optimsweep.cli", "best",
                                str(sweep), "--top", "1"], cwd=tmp,
                               capture_output=True, text=True)
+        row[1:] = [f"{seconds:.0f}", best_trial(Path(tmp))]
     print(f"  {seconds:.0f} s for the sweep (process start and data loading included)")
     print("  " + "\n  ".join(best.stdout.strip().splitlines()[:6]))
+    return row
 
 
 def main() -> None:
@@ -167,7 +237,8 @@ def main() -> None:
     parser.add_argument("--skip-study", action="store_true")
     parser.add_argument("--only-study", action="store_true", help="skip parts 1 and 2")
     parser.add_argument("--study", default="fp32:1", help="the default study's runs, as "
-                        "PRECISION:WORKERS,... (e.g. fp32:1,bf16:2)")
+                        "PRECISION:WORKERS[:FUSE],... (e.g. fp32:1,bf16:2,fp32:1:8)")
+    results.option(parser)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # K,precision: one measurement
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -175,19 +246,30 @@ def main() -> None:
         k, precision = args.one.split(",")
         measure_one(int(k), precision, device, args.train_images)
         return
+    out = results.Results(args.results, __file__, "bench")
     print(machine(device))
     print(f"precision auto here: {resolve_precision('auto', device)}; fuse auto here: "
           f"{default_fuse(device)}")
     prepare_fashion_mnist()
     data = load_fashion_mnist(device=device, train_subset=args.train_images)
+    tables = []
     if not args.only_study:
-        fused_table(data, device, [int(k) for k in args.ks.split(",")], args.rounds,
-                    args.train_images)
-        adam_against_sgd(data, device, args.epochs)
+        tables.append(fused_table(data, device, [int(k) for k in args.ks.split(",")],
+                                  args.rounds, args.train_images))
+        tables.append(adam_against_sgd(data, device, args.epochs))
     if not args.skip_study:
+        rows = []
         for run in args.study.split(","):
-            precision, workers = run.split(":")
-            default_study(device, int(workers), precision)
+            precision, workers, *fuse = run.split(":")
+            rows.append(default_study(device, int(workers), precision,
+                                      int(fuse[0]) if fuse else None))
+        budget = load_spec(DEFAULT_STUDY).budget
+        tables.append(results.Table(
+            [f"the default study end to end ({budget.n_trials} trials x {budget.epochs} "
+             f"epochs, `fuse: auto` = {default_fuse(device)})", "seconds",
+             "best trial (selected on validation)"], rows,
+            "Seconds from the process start (imports and data loading included)."))
+    out.write(tables)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,15 @@ On a 2-core CPU the full default study takes 7 to 15 minutes per variant per see
 30: by default the slow references (median and peer) run for the first seed only and the
 two forms of successive halving for every seed, about 100 minutes in all. --train-subset,
 --val-size, --epochs, --n-trials and --timeout scale it down. Wall times are only
-comparable on an otherwise idle machine.
+comparable on an otherwise idle machine. With --results DIR the first seed's table and, for
+several seeds, the variants run for every seed side by side are also written to
+DIR/bench_time_to_quality.md with the date, commit and CPU (`make bench-quality`:
+docs/results).
 
 Usage: python benchmarks/bench_time_to_quality.py [--seeds 0,1,2]
        [--variants median,sh,asha,peer] [--first-seed-only median,peer] [--train-subset N]
        [--val-size N] [--epochs N] [--n-trials N] [--timeout S (3600)] [--out DIR]
+       [--results DIR]
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ import optuna
 import torch
 import yaml
 
+import results
 from bench_sweep import DEFAULT_STUDY, ROOT, machine
 from peer_sweep import trial_record
 
@@ -80,6 +85,14 @@ BUDGETS = {"asha4": {"report_every": 0.25}}
 VARIANTS = (*PRUNERS, "peer")
 PEER = Path(__file__).resolve().parent / "peer_sweep.py"
 GRACE_S = 900
+LABELS = {"median": "median (`n_startup_trials: 5, n_warmup_steps: 3`, shipped before)",
+          "sh": "Optuna's `successive_halving` (stopping form, η = 3)",
+          "asha": "`asha` (promotion form, η = 3, the default)",
+          "asha4": "`asha`, rungs every quarter epoch (`report_every: 0.25`)",
+          "peer": "the peer: the tutorial's DataLoader loops, `study.optimize`, TPE, the "
+                  "median pruner, `MLflowCallback`"}
+SHORT = {"median": "median", "sh": "`successive_halving`", "asha": "`asha`",
+         "asha4": "`asha` by quarter epochs", "peer": "the peer"}
 
 
 def study_doc(args) -> dict:
@@ -317,6 +330,52 @@ def scale_text(doc: dict) -> str:
             f"trials x {budget['epochs']} epochs, timeout {budget['timeout']:g} s")
 
 
+def val_test(point: dict | None) -> str:
+    if point is None or point.get("best_val") is None:
+        return "-"
+    return f"{point['best_val']:.2%} / {point['best_test']:.2%}"
+
+
+def results_tables(seeds: list[int], tables: list[dict[str, dict]], runs: list[dict],
+                   notes: list[str], doc: dict) -> tuple[list[results.Table], list[str]]:
+    """The first seed's variants (the table as the README had it), then, for several seeds,
+    the variants run for every seed with their best at the shorter run's end."""
+    first = tables[0]
+
+    def wall(variant: str, row: dict) -> str:
+        ratio = row["wall_vs_median"]
+        return f"{row['wall']:.0f} s" + (f" ({ratio:.2f}x)" if variant != "median"
+                                         and ratio is not None else "")
+
+    out = [results.Table(
+        [f"seed {seeds[0]}", "wall", "trial-epochs", "best val / its test",
+         f"first best-on-val config at >= {TARGET:.1%} test"],
+        [[LABELS[v], wall(v, row), f"{row['trial_epochs']:.0f}", val_test(row),
+          fmt(row["to_target"], ".0f", 0) + ("" if row["to_target"] is None else " s")]
+         for v, row in first.items()],
+        f"The default study, {scale_text(doc)}, a fresh process a run; seconds from its "
+        "start (imports and data loading count); selected on validation, test reported; "
+        "ratios against the median pruner's wall.")]
+    every = [v for v in first if all(v in t for t in tables)]
+    ours = [v for v in every if v != "peer"]
+    if len(seeds) > 1 and every:
+        header = ["seed", *(f"{SHORT[v]}: wall, best val / test" for v in every)]
+        if len(ours) > 1:
+            header.append(f"at the shorter run's end: {' / '.join(SHORT[v] for v in ours)}, "
+                          "best val / test")
+        rows = []
+        for seed, table in zip(seeds, tables, strict=True):
+            row = [seed, *(f"{table[v]['wall']:.0f} s, {val_test(table[v])}" for v in every)]
+            if len(ours) > 1:
+                at = min(table[v]["wall"] for v in ours)
+                seeds_runs = {r["variant"]: r for r in runs if r["seed"] == seed}
+                row.append(f"at {at:.0f} s: " + " against ".join(
+                    val_test(best_at(seeds_runs[v], at)) for v in ours))
+            rows.append(row)
+        out.append(results.Table(header, rows))
+    return out, notes
+
+
 def one_run(variant: str, seed: int, doc: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"ttq-{variant}-") as tmp:
         folder = Path(tmp)
@@ -343,7 +402,9 @@ def main() -> None:
                         help="seconds per study (the file's 900 would cut the median "
                              "pruner's study short)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    results.option(parser)
     args = parser.parse_args()
+    out = results.Results(args.results, __file__, "bench-quality")
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     first_only = [v for v in args.first_seed_only.split(",") if v]
@@ -358,7 +419,7 @@ def main() -> None:
           f"accuracy >= {TARGET:.1%} of the best-on-validation config")
     print("columns: seconds since the process started; ratios against the same seed's peer "
           "(/peer) or median variant (/med)")
-    runs, tables = [], []
+    runs, tables, notes = [], [], []
     began = time.time()
     for seed in seeds:
         rows, errors = {}, {}
@@ -372,6 +433,10 @@ def main() -> None:
                 errors[variant] = run["error"]
         add_ratios(rows)
         tables.append(rows)
+        notes += [f"Seed {seed}, {v}: {row['failed']} trial(s) failed." for v, row in rows.items()
+                  if row["failed"]]
+        notes += [f"Seed {seed}, {v}: the process failed ({e.split(':')[0]})."
+                  for v, e in errors.items()]
         print_table(seed, rows, errors)
         print_equal_time(seed, runs)
     if len(seeds) > 1:
@@ -382,6 +447,7 @@ def main() -> None:
     js.write_text(json.dumps({"machine": machine(torch.device("cpu")), "scale": scale_text(doc),
                               "target": TARGET, "runs": runs}, indent=1))
     print(f"\n{time.time() - began:.0f} s in all; wrote {png} and {js}")
+    out.write(*results_tables(seeds, tables, runs, notes, doc))
 
 
 if __name__ == "__main__":

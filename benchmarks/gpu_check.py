@@ -11,7 +11,7 @@ having none. It prints the machine, then:
    bitwise repeatable).
 
 Exit 0 when all hold; the last line says which failed. Keep its output with the date, the
-commit and the machine: the README's "Scaling out" quotes it.
+commit and the machine: docs/guide/scaling-out.md quotes it.
 """
 
 from __future__ import annotations

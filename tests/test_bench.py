@@ -19,17 +19,31 @@ def run(script: str, *args: str) -> str:
     return run_script(BENCHMARKS / script, *args, cwd=ROOT)
 
 
-def test_bench_sweep_prints_the_machine_and_each_variants_ratio():
+def test_bench_sweep_prints_the_machine_and_each_variants_ratio(tmp_path):
     """(Fused groups of K > 1 are the same table rows; each variant is a process of its
-    own, so the test keeps to K = 1.)"""
+    own, so the test keeps to K = 1.) With --results, the tables it printed are written
+    under the date, commit and CPU they were measured on, as the docs include them."""
     out = run("bench_sweep.py", "--rounds", "1", "--ks", "1", "--epochs", "2",
-              "--train-images", "640", "--skip-study")
+              "--train-images", "640", "--skip-study", "--results", tmp_path)
     assert re.search(r"^CPU: .+, \d+ cores, torch threads \d+; flags: ", out, re.M), out
     assert re.search(r"^precision auto here: (fp32|bf16); fuse auto here: \d+$", out, re.M)
     ratios = dict(re.findall(r"K=(\d+ +\w+):.*= +([\d.]+)x", out))
     assert set(ratios) == {"1   fp32", "1   bf16"}, out
     assert ratios["1   fp32"] == "1.00" and all(float(r) > 0 for r in ratios.values())
     assert re.search(r"adam/sgd = [\d.]+x", out), out
+    written = (tmp_path / "bench_sweep.md").read_text()
+    lines = written.splitlines()
+    assert lines[0] == ("<!-- written by `make bench` (benchmarks/bench_sweep.py); rerun it to "
+                        "replace this file -->"), written
+    assert re.fullmatch(r"\*Measured \d{4}-\d\d-\d\d( at commit [0-9a-f]{7,}( with local "
+                        r"changes)?|, commit unknown,) on .+, \d+ cores \(flags: .+\); "
+                        r"`python benchmarks/bench_sweep\.py --rounds 1 .*--skip-study`\.\*",
+                        lines[2]), written
+    machine = re.search(r"^CPU: (.+, \d+ cores), torch threads", out, re.M).group(1)
+    assert f" on {machine} (flags: " in lines[2], written
+    assert "| sequential core (a group of one) | " in written, written
+    assert re.search(r"^\| seconds, all 2 epochs \| [\d.]+ \| [\d.]+ \([\d.]+x SGD",
+                     written, re.M), written
 
 
 def test_bench_core_runs_every_loop_side_by_side_and_prints_each_ratio():

@@ -273,7 +273,7 @@ def test_confirm_stopped_mid_seed_goes_on_from_its_checkpoint(tmp_path):
 def test_a_fused_group_killed_mid_training_resumes_each_member(tmp_path):
     """Two trials trained as one fused model, SIGKILLed after epoch 2 of 5: each retry goes
     on from its own member's checkpoint, and ends where the config trained alone ends, within
-    the README's fused tolerance."""
+    the documented fused tolerance."""
     path = fashion_sweep(tmp_path, fuse=2, checkpoint={"every": 0},
                          budget={"n_trials": 2, "epochs": 5},
                          data={"train_subset": 2000, "val_size": 1000},

@@ -1,5 +1,5 @@
 """Beyond one machine: workers in separate folders (no shared mlruns/) join one study
-through a real PostgreSQL and a real `mlflow server`, as README "Scaling out" sets them up.
+through a real PostgreSQL and a real `mlflow server`, as docs/guide/scaling-out.md sets them up.
 The URLs carry the database password, as a user's would, to check it is never kept or
 shown."""
 

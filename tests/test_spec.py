@@ -206,12 +206,12 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_spec(tmp_path / "nope.yaml")
 
 
-def test_the_readme_example_is_a_valid_sweep_file():
+def test_the_docs_full_example_is_a_valid_sweep_file():
     """The documented full example stays in step with what the parser accepts."""
-    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
-    full = readme.split("## Sweep files", 1)[1]
+    page = Path(__file__).parent.parent.joinpath("docs", "guide", "sweep-file.md").read_text()
+    full = page.split("## A full example", 1)[1]
     example = full.split("```yaml\n", 1)[1].split("```", 1)[0]
-    spec = parse_spec(example, "README.md")
+    spec = parse_spec(example, "docs/guide/sweep-file.md")
     assert spec.search_space["momentum"].when == {"optimizer": ("momentum",)}
     assert spec.search_space["weight_decay"].when == {"optimizer": ("sgd", "momentum")}
     assert spec.fixed["nesterov"] is False and len(spec.baseline) == 1

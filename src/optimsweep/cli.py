@@ -28,7 +28,9 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type == "dict":  # factory arguments: model.NAME / data.NAME in --config's file
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            metavar=f.name.upper(), help=f"default: {f.default}")
+                            metavar=f.name.upper(),
+                            help=f"{f.metadata['doc']} (default: "
+                            f"{'unset' if f.default is None else f.default})")
 
 
 def load_config_file(path: Path) -> dict:
@@ -336,13 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("best", help="the top trials of a study, best first")
     p.add_argument("target", help="sweep file or study name")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=int, default=10, help="rows to show")
     p.set_defaults(func=cmd_best)
 
     p = sub.add_parser("confirm", help="re-train the top-k configs with fresh seeds")
     p.add_argument("target", help="sweep file or study name")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="the best trials to re-train")
+    p.add_argument("--seeds", type=int, default=3, help="fresh seeds each is trained with")
     p.set_defaults(func=cmd_confirm)
 
     p = sub.add_parser("export", help="write the best (or confirmed) trial as a runnable config")
@@ -359,10 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_url)
 
     p = sub.add_parser("services", help="start or stop a local PostgreSQL and MLflow server")
-    p.add_argument("action", choices=("start", "stop"))
+    p.add_argument("action", choices=("start", "stop"), help="start or stop them")
     p.add_argument("--dir", default=".services", help="their data, logs and password")
-    p.add_argument("--pg-port", type=int, default=55432)
-    p.add_argument("--mlflow-port", type=int, default=5001)
+    p.add_argument("--pg-port", type=int, default=55432, help="PostgreSQL's port")
+    p.add_argument("--mlflow-port", type=int, default=5001,
+                   help="the MLflow tracking server's port")
     p.add_argument("--slurm", action="store_true", help="also a one-machine Slurm, to try "
                    "`optimsweep slurm` where no cluster is at hand")
     p.set_defaults(func=cmd_services)
@@ -375,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-task", type=int, metavar="K", help="GPUs Slurm gives each task")
     p.add_argument("--gpus-per-worker", type=int, metavar="G",
                    help="GPUs each worker of a task sees (default 1: one worker per GPU)")
-    p.add_argument("--cpus-per-task", type=int, metavar="C")
-    p.add_argument("--partition", metavar="P")
+    p.add_argument("--cpus-per-task", type=int, metavar="C",
+                   help="CPUs Slurm gives each task (and its OMP_NUM_THREADS)")
+    p.add_argument("--partition", metavar="P", help="the Slurm partition (default: Slurm's)")
     p.add_argument("--time", metavar="T", help="each task's time limit, as Slurm writes it "
                    "(MINUTES, HH:MM:SS, D-HH)")
     p.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=True,

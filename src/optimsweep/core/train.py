@@ -88,11 +88,27 @@ GROUPS = ("data", "model", "hardware", "optimisation", "run")
 FUSED_GROUPS = ("data", "model", "hardware")
 
 
-def _in(group: str, default=dataclasses.MISSING, **kwargs):
-    """A TrainConfig field of `group` (one of GROUPS)."""
+def _in(group: str, default=dataclasses.MISSING, *, doc: str, choices: tuple = (),
+        rule=None, allowed: str = "", **kwargs):
+    """A TrainConfig field of `group` (one of GROUPS), with what it means (`doc`) and what it
+    may be: one of `choices`, or a value for which `rule` (predicate, words) holds, or
+    `allowed` (words only: checked by __post_init__'s own code). The sweep-file reference
+    is written from these."""
     if group not in GROUPS:
         raise ValueError(f"{group!r} is not one of {GROUPS}")
-    return field(default=default, metadata={"group": group}, **kwargs)
+    metadata = {"group": group, "doc": doc, "choices": choices, "rule": rule,
+                "allowed": allowed or (rule[1] if rule else "")}
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def _unit(v) -> bool:
+    return 0 <= v < 1
+
+
+IN_UNIT = (_unit, "in [0, 1)")
+POSITIVE = (lambda v: v > 0 and math.isfinite(v), "a number > 0")
+AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+SEED = (lambda v: 0 <= v < SEED_LIMIT, f"an integer in [0, {SEED_LIMIT - 1}]")
 
 
 @dataclass
@@ -101,46 +117,73 @@ class TrainConfig:
 
     The fields' order is that of params and config files; each field's group is on it."""
 
-    # a built-in task, or a data factory "module:function"
-    task: str = _in("data", "fashion_mnist")
-    model: str = _in("model", "mlp")  # a built-in model, or a model factory "module:callable"
-    # "model.NAME" in files and params
-    model_kwargs: dict = _in("model", default_factory=dict)
-    data_kwargs: dict = _in("data", default_factory=dict)  # "data.NAME" in files and params
-    loss: str | None = _in("model", None)  # None: the built-in task's own (cross_entropy, l1)
-    # a function (outputs, targets) -> float, by import string
-    metric: str | None = _in("model", None)
-    # the folder that makes the import strings importable
-    code_dir: str | None = _in("model", None)
-    optimizer: str = _in("optimisation", "sgd")
-    lr: float = _in("optimisation", 1e-3)
-    momentum: float = _in("optimisation", 0.9)  # optimizer: momentum
-    nesterov: bool = _in("optimisation", False)  # optimizer: momentum
-    beta1: float = _in("optimisation", 0.9)  # optimizer: adam, adamw
-    beta2: float = _in("optimisation", 0.999)  # optimizer: adam, adamw
-    # optimizer: rmsprop, the smoothing of its squared gradients
-    alpha: float = _in("optimisation", 0.99)
-    # adamw: decoupled from the gradient (torch's default is 0.01)
-    weight_decay: float = _in("optimisation", 0.0)
-    batch_size: int = _in("data", 64)
-    epochs: int = _in("run", 10)
-    scheduler: str = _in("optimisation", "none")
-    step_size: int = _in("optimisation", 5)  # scheduler: step, in epochs
-    gamma: float = _in("optimisation", 0.1)  # scheduler: step
-    factor: float = _in("optimisation", 0.1)  # scheduler: plateau
-    patience: int = _in("optimisation", 2)  # scheduler: plateau, in epochs
-    seed: int = _in("run", 0)
-    device: str = _in("hardware", "auto")
-    # auto: bf16 where this machine runs it faster (CUDA, AMX CPUs)
-    precision: str = _in("hardware", "fp32")
-    # None: the task's default (10k images for FashionMNIST)
-    val_size: int | None = _in("data", None)
-    # fixes the train/validation split, separately from `seed`
-    split_seed: int = _in("data", 0)
-    # keep only the first N training examples (tests)
-    train_subset: int | None = _in("data", None)
-    # larger datasets stream through a DataLoader
-    in_memory_mb: float = _in("data", IN_MEMORY_MB)
+    task: str = _in("data", "fashion_mnist", allowed="a built-in task, or your data "
+                    "factory's import string (module:function)",
+                    doc="the data: a built-in task, or your own (data.factory in a sweep file)")
+    model: str = _in("model", "mlp", allowed="a model of the task, or your model factory's "
+                     "import string (module:callable)", doc="the model to train")
+    model_kwargs: dict = _in("model", default_factory=dict, allowed="keyword arguments",
+                             doc="the model factory's arguments; model.NAME in files and params")
+    data_kwargs: dict = _in("data", default_factory=dict, allowed="keyword arguments",
+                            doc="the data factory's arguments; data.NAME in files and params")
+    loss: str | None = _in("model", None, choices=tuple(LOSSES),
+                           doc="the loss; unset: the built-in task's own (fashion_mnist: "
+                           "cross_entropy, regression: l1)")
+    metric: str | None = _in("model", None, allowed="an import string (module:function)",
+                             doc="your metric, a function (outputs, targets) -> float, "
+                             "logged as val_NAME")
+    code_dir: str | None = _in("model", None, allowed="a folder",
+                               doc="the folder that makes the import strings importable "
+                               "(set from the sweep file's folder)")
+    optimizer: str = _in("optimisation", "sgd", choices=OPTIMIZERS,
+                         doc="torch.optim's SGD, SGD with momentum, Adam, AdamW or RMSprop")
+    lr: float = _in("optimisation", 1e-3, rule=POSITIVE, doc="the learning rate")
+    momentum: float = _in("optimisation", 0.9, rule=IN_UNIT,
+                          doc="SGD's momentum (optimizer: momentum)")
+    nesterov: bool = _in("optimisation", False, allowed="true or false",
+                         doc="Nesterov momentum (optimizer: momentum)")
+    beta1: float = _in("optimisation", 0.9, rule=IN_UNIT,
+                       doc="the decay of the first moment (optimizer: adam, adamw)")
+    beta2: float = _in("optimisation", 0.999, rule=IN_UNIT,
+                       doc="the decay of the second moment (optimizer: adam, adamw)")
+    alpha: float = _in("optimisation", 0.99, rule=IN_UNIT,
+                       doc="the smoothing of the squared gradients (optimizer: rmsprop)")
+    weight_decay: float = _in("optimisation", 0.0, rule=(lambda v: v >= 0, "a number >= 0"),
+                              doc="L2 penalty; decoupled from the gradient for adamw "
+                              "(torch's default there is 0.01)")
+    batch_size: int = _in("data", 64, rule=AT_LEAST_1, doc="examples per training batch")
+    epochs: int = _in("run", 10, rule=AT_LEAST_1,
+                      doc="epochs to train (budget.epochs in a sweep file)")
+    scheduler: str = _in("optimisation", "none", choices=SCHEDULERS,
+                         doc="the learning-rate schedule: torch.optim.lr_scheduler's StepLR, "
+                         "ReduceLROnPlateau (on the validation loss) or CosineAnnealingLR "
+                         "(over the epochs)")
+    step_size: int = _in("optimisation", 5, rule=AT_LEAST_1,
+                         doc="epochs between decays (scheduler: step)")
+    gamma: float = _in("optimisation", 0.1, rule=(lambda v: 0 < v <= 1, "in (0, 1]"),
+                       doc="the decay factor (scheduler: step)")
+    factor: float = _in("optimisation", 0.1, rule=(lambda v: 0 < v < 1, "in (0, 1)"),
+                        doc="the decay factor (scheduler: plateau)")
+    patience: int = _in("optimisation", 2, rule=(lambda v: v >= 0, "an integer >= 0"),
+                        doc="epochs without improvement before a decay (scheduler: plateau)")
+    seed: int = _in("run", 0, rule=SEED,
+                    doc="initial weights, batch order and dropout; a sweep's trials share it")
+    device: str = _in("hardware", "auto", choices=DEVICES,
+                      doc="auto: CUDA when present, else the CPU")
+    precision: str = _in("hardware", "fp32", choices=PRECISIONS,
+                         doc="bf16: matrix products autocast to bfloat16 (weights and "
+                         "optimizer state stay fp32); auto: bf16 where this machine runs it "
+                         "faster (CUDA with bf16, CPUs with AMX or AVX-512 BF16)")
+    val_size: int | None = _in("data", None, allowed="an integer >= 1, below the training "
+                               "examples", doc="validation examples carved from the training "
+                               "set; unset: the task's default (10k for FashionMNIST)")
+    split_seed: int = _in("data", 0, rule=SEED,
+                          doc="fixes the train/validation split, separately from seed")
+    train_subset: int | None = _in("data", None, rule=AT_LEAST_1,
+                                   doc="keep only the first N training examples (quick runs)")
+    in_memory_mb: float = _in("data", IN_MEMORY_MB, rule=(lambda v: v >= 0, "a number >= 0"),
+                              doc="datasets up to this size sit in memory as tensors; larger "
+                              "ones stream through a DataLoader")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -158,7 +201,6 @@ class TrainConfig:
         if self.loss is None:
             raise ConfigError(f"loss: required with the data factory {self.task}; choose one "
                               f"of: {', '.join(LOSSES)}")
-        _choose("loss", self.loss, LOSSES)
         if self.metric is not None and not is_import_string(self.metric):
             raise ConfigError(f"metric: {self.metric!r} is not an import string "
                               "(module:function)")
@@ -167,26 +209,13 @@ class TrainConfig:
                 if not (isinstance(key, str) and key.isidentifier()):
                     raise ConfigError(f"{KWARG_FIELDS[name]}{key}: not a keyword argument "
                                       "name")
-        _require("in_memory_mb", self.in_memory_mb, self.in_memory_mb >= 0, "a number >= 0")
-        _choose("optimizer", self.optimizer, OPTIMIZERS)
-        _choose("scheduler", self.scheduler, SCHEDULERS)
-        _choose("device", self.device, DEVICES)
-        _choose("precision", self.precision, PRECISIONS)
-        _require("lr", self.lr, self.lr > 0 and math.isfinite(self.lr), "a number > 0")
-        _require("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)")
-        _require("beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)")
-        _require("beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)")
-        _require("alpha", self.alpha, 0 <= self.alpha < 1, "in [0, 1)")
-        _require("weight_decay", self.weight_decay, self.weight_decay >= 0, "a number >= 0")
-        _require("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")
-        _require("epochs", self.epochs, self.epochs >= 1, "an integer >= 1")
-        _require("step_size", self.step_size, self.step_size >= 1, "an integer >= 1")
-        _require("gamma", self.gamma, 0 < self.gamma <= 1, "in (0, 1]")
-        _require("factor", self.factor, 0 < self.factor < 1, "in (0, 1)")
-        _require("patience", self.patience, self.patience >= 0, "an integer >= 0")
-        for name in ("seed", "split_seed"):
-            _require(name, getattr(self, name), 0 <= getattr(self, name) < SEED_LIMIT,
-                     f"an integer in [0, {SEED_LIMIT - 1}]")
+        for f in dataclasses.fields(self):  # the fields' own choices and ranges
+            value = getattr(self, f.name)
+            if f.metadata["choices"]:
+                _choose(f.name, value, f.metadata["choices"])
+            elif f.metadata["rule"] and value is not None:
+                ok, words = f.metadata["rule"]
+                _require(f.name, value, ok(value), words)
         if self.task in TASKS:
             if self.val_size is None:  # written out: exported configs say which split
                 self.val_size = DEFAULT_VAL_SIZE[self.task]
@@ -196,8 +225,6 @@ class TrainConfig:
                      "examples and at least one must be left to train on")
         elif self.val_size is not None:  # a factory's size is known once it has run
             _require("val_size", self.val_size, self.val_size >= 1, "an integer >= 1")
-        if self.train_subset is not None:
-            _require("train_subset", self.train_subset, self.train_subset >= 1, "an integer >= 1")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -388,7 +415,7 @@ def group_key(config: TrainConfig) -> tuple:
 
 def default_fuse(device: torch.device) -> int:
     """How many trials a sweep trains at once when its file says `fuse: auto`, from
-    `make bench` (README "Speed")."""
+    `make bench` (docs/benchmarks.md)."""
     return 8 if device.type == "cuda" else 1
 
 

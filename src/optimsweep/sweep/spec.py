@@ -34,36 +34,33 @@ from optimsweep.core.usercode import is_import_string
 from optimsweep.errors import SpecError
 from optimsweep.records.optuna_adapter import contains
 from optimsweep.records.storage import Resilience
+from optimsweep.sweep import keys
 from optimsweep.sweep.asha import Asha
+from optimsweep.sweep.keys import (
+    DIRECTIONS,
+    MAX_FUSE,
+    METRICS,
+    PARAM_TYPES,
+    STORAGE_SCHEMES,
+    TRACKING_SCHEMES,
+)
 from optimsweep.sweep.samplers import PRUNERS, SAMPLERS, allowed_options, option_type_problem
 from optimsweep.util import values
 from optimsweep.util.urls import redact
 
-TOP_LEVEL_KEYS = ("name", "description", "task", "model", "loss", "metric", "direction",
-                  "seed",
-                  "sampler", "pruner", "budget", "storage", "tracking_uri", "data", "fixed",
-                  "search_space", "baseline", "heartbeat", "store_timeout", "fuse",
-                  "checkpoint", "registry")
-REGISTRY_KEYS = ("name",)
-MAX_FUSE = 64
-METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
-DIRECTIONS = ("maximize", "minimize")
-BUDGET_KEYS = ("n_trials", "epochs", "timeout", "report_every")
-DATA_KEYS = ("factory", "kwargs", "val_size", "split_seed", "train_subset", "in_memory_mb")
+TOP_LEVEL_KEYS = keys.children("")
+REGISTRY_KEYS = keys.children("registry")
+BUDGET_KEYS = keys.children("budget")
+DATA_KEYS = keys.children("data")
 SPLIT_KEYS = DATA_KEYS[2:]  # training values every trial shares
-MODEL_KEYS = ("factory", "kwargs")
+MODEL_KEYS = keys.children("model")
 MODEL_PARAM = "model."  # a model factory's keyword argument in search_space or fixed
 # Where the code is, not what it does: a study moved to another folder or machine stays
 # the same study.
 NOT_FINGERPRINTED = ("code_dir", "in_memory_mb")
-HEARTBEAT_KEYS = ("interval", "grace_period", "max_retry")
-CHECKPOINT_KEYS = ("every",)
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
-TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "postgresql+psycopg")
-PARAM_TYPES = ("float", "int", "categorical")
-PARAM_KEYS = {"float": ("type", "low", "high", "log", "step", "when"),
-              "int": ("type", "low", "high", "log", "step", "when"),
-              "categorical": ("type", "choices", "when")}
+HEARTBEAT_KEYS = keys.children("heartbeat")
+CHECKPOINT_KEYS = keys.children("checkpoint")
+PARAM_KEYS = {kind: keys.param_keys(kind) for kind in PARAM_TYPES}
 # Set by the spec itself (task, model, budget, data) or by the machine (device).
 NOT_SEARCHABLE = ("task", "model", "epochs", "device", "val_size", "split_seed", "train_subset")
 
