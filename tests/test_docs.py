@@ -219,6 +219,14 @@ def test_every_command_in_the_docs_exists_with_its_flags(where, text):
                     _check_optimsweep(_make_command(targets[target], settings), where)
 
 
+PYTHON_BLOCKS = _blocks("python")
+
+
+@pytest.mark.parametrize(("where", "text"), PYTHON_BLOCKS, ids=_ids(PYTHON_BLOCKS))
+def test_every_python_example_in_the_docs_compiles(where, text):
+    compile(text, where, "exec")
+
+
 def test_the_docs_show_commands():
     assert len(SHELL_BLOCKS) >= 5
 

@@ -80,7 +80,8 @@ def test_every_optimizer_and_scheduler_fused_matches_torch_optim_alone(line):
 def test_the_tutorial_mlp_fused_ends_where_it_ends_alone(fashion_small):
     """Four MLP members (SGD, momentum, Adam, Adam with a plateau schedule) for two epochs.
     Batched matrix products round differently from single ones, and Adam's normalised steps
-    carry that rounding on: the documented tolerance (docs/guide/sweep-file.md) is 1.5 points of accuracy and 5% of loss
+    carry that rounding on: the documented tolerance (docs/guide/sweep-file.md) is 1.5 points
+    of accuracy and 5% of loss
     (SGD stays within 1e-4). With torch's AVX-512 kernels the members matched exactly; with
     its AVX2 kernels (an AVX2-only CPU) the Adam member at lr 1e-3 ended 2.7% of loss and
     0.79 points from its run alone."""
