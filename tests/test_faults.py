@@ -23,6 +23,7 @@ from sqlalchemy import event
 import optimsweep.core.train
 import optimsweep.run.resume
 from optimsweep.errors import StoreError
+from optimsweep.records.storage import StudyStorage
 from optimsweep.run.runner import run_sweep
 from records import (
     DATA,
@@ -480,6 +481,34 @@ def all_runs(spec) -> dict[str, tuple[str, str]]:
     experiment = client.get_experiment_by_name(spec.name)
     return {r.info.run_id: (r.info.lifecycle_stage, r.info.status) for r in client.search_runs(
         [experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000)}
+
+
+@pytest.mark.parametrize("other_name", ["other", "line"])
+def test_a_journal_copied_over_between_an_appends_check_and_its_write_gets_nothing(
+        tmp_path, other_name):
+    """`cp` takes no lock: another study's journal copied over this one just after an
+    append checked the file (the window the mid-sweep test hit about once in 20 runs). The
+    append's line is cut off the other journal again and the writer told; the other
+    journal is left as it was copied, whole."""
+    other = tmp_path / "other.journal"
+    optuna.create_study(study_name=other_name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(other))))
+    copied = other.read_bytes()
+    journal = tmp_path / "optuna.journal"
+    store = StudyStorage(str(journal))
+    optuna.create_study(study_name="line", storage=store.optuna)
+    checked = store.journal.check
+
+    def check_then_copied_over():
+        checked()
+        shutil.copyfile(other, journal)  # in place, as cp does
+
+    store.journal.check = check_then_copied_over
+    with pytest.raises(StoreError, match="journal was rewritten"):
+        optuna.create_study(study_name="second", storage=store.optuna)
+    assert journal.read_bytes() == copied
+    with pytest.raises(StoreError, match="journal was rewritten"):  # and it stays stopped
+        store.journal.check()
 
 
 @pytest.mark.parametrize("how, other_name", [("deleted", None), ("replaced", "other"),

@@ -137,6 +137,48 @@ class JournalFile:
         finally:
             os.close(fd)
 
+    def append(self, data: bytes) -> None:
+        """Append `data` (whole lines), under the journal lock and after `check`, and make
+        sure it went where the file opened ends. A copy landing between the check and the
+        write (`cp` takes no lock) would let it into another study's journal: it is cut
+        off again, and StoreError raised."""
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+            landed = os.lseek(fd, 0, os.SEEK_CUR) - len(data)
+            stat = os.fstat(fd)
+            foreign = (stat.st_dev, stat.st_ino) != self._identity or landed != self._end or (
+                self._head and os.pread(fd, len(self._head), 0) != self._head) or (
+                self._mark and os.pread(fd, len(self._mark), landed - len(self._mark))
+                != self._mark)
+            if foreign:
+                if stat.st_size == landed + len(data):  # still the last thing in it
+                    os.ftruncate(fd, landed)
+                raise self._fail("rewritten (another journal copied over it?)")
+            self._end, self._mark = landed + len(data), (self._mark + data)[-self._MARK:]
+        finally:
+            os.close(fd)
+
+
+class _WatchedJournalBackend(optuna.storages.journal.JournalFileBackend):
+    """Optuna's journal file backend, its appends made by `JournalFile.append`: written
+    only where the journal this process opened ends, never into a file put in its place."""
+
+    def __init__(self, journal: JournalFile, lock: BaseJournalFileLock):
+        super().__init__(str(journal.path), lock_obj=lock)
+        self._journal, self._append_lock = journal, lock
+
+    def append_logs(self, logs: list[dict]) -> None:
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n")
+        self._append_lock.acquire()  # checks the file is still the one opened
+        try:
+            self._journal.append(data.encode("utf-8"))
+        finally:
+            self._append_lock.release()
+
 
 class _FlockLock(BaseJournalFileLock):
     """Optuna's journal lock, held with flock: released by the kernel if its holder dies,
@@ -327,8 +369,9 @@ def _open(url: str, resilience: Resilience | None, *, watch: bool
         if watch:
             path.touch()  # Optuna creates it too; its identity is taken before anything is read
             journal = JournalFile(path)
-        backend = optuna.storages.journal.JournalFileBackend(
-            str(path), lock_obj=_FlockLock(path, journal))
+        lock = _FlockLock(path, journal)
+        backend = (_WatchedJournalBackend(journal, lock) if journal is not None else
+                   optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock))
         try:
             return optuna.storages.JournalStorage(backend), journal
         except ValueError as exc:  # json's errors are ValueErrors, and so is Optuna's own
