@@ -122,10 +122,7 @@ class JournalFile:
             stat = os.fstat(fd)
             if (stat.st_dev, stat.st_ino) != self._identity:
                 raise self._fail("replaced by another file")
-            if stat.st_size < self._end or (
-                    self._head and os.pread(fd, len(self._head), 0) != self._head) or (
-                    self._mark and os.pread(fd, len(self._mark), self._end - len(self._mark))
-                    != self._mark):
+            if stat.st_size < self._end or self._rewritten(fd, self._end):
                 raise self._fail("rewritten (another journal copied over it?)")
             if not self._head:
                 first = os.pread(fd, 1 << 16, 0)
@@ -136,6 +133,12 @@ class JournalFile:
                 self._mark = tail[:tail.rfind(b"\n") + 1][-self._MARK:]
         finally:
             os.close(fd)
+
+    def _rewritten(self, fd: int, end: int) -> bool:
+        """The open file `fd` no longer starts with the first line known, or no longer has
+        the last known bytes just before `end`."""
+        return bool(self._head and os.pread(fd, len(self._head), 0) != self._head) or bool(
+            self._mark and os.pread(fd, len(self._mark), end - len(self._mark)) != self._mark)
 
     def append(self, data: bytes) -> None:
         """Append `data` (whole lines), under the journal lock and after `check`, and make
@@ -150,10 +153,8 @@ class JournalFile:
             os.fsync(fd)
             landed = os.lseek(fd, 0, os.SEEK_CUR) - len(data)
             stat = os.fstat(fd)
-            foreign = (stat.st_dev, stat.st_ino) != self._identity or landed != self._end or (
-                self._head and os.pread(fd, len(self._head), 0) != self._head) or (
-                self._mark and os.pread(fd, len(self._mark), landed - len(self._mark))
-                != self._mark)
+            foreign = (stat.st_dev, stat.st_ino) != self._identity or landed != self._end \
+                or self._rewritten(fd, landed)
             if foreign:
                 if stat.st_size == landed + len(data):  # still the last thing in it
                     os.ftruncate(fd, landed)

@@ -168,7 +168,6 @@ def children(parent: str) -> tuple[str, ...]:
 
 def param_keys(kind: str) -> tuple[str, ...]:
     """The keys of one search_space parameter of `kind` (float, int, categorical)."""
-    every = children("search_space.NAME")
-    if kind == "categorical":
-        return ("type", "choices", "when")
-    return tuple(k for k in every if k != "choices")
+    ranges_only, categorical_only = ("low", "high", "log", "step"), ("choices",)
+    left_out = ranges_only if kind == "categorical" else categorical_only
+    return tuple(k for k in children("search_space.NAME") if k not in left_out)
