@@ -66,14 +66,16 @@ def latest(tracker: Tracker, runs: list[tuple[str, int | None]], config: TrainCo
 
 def continue_run(tracker: Tracker, run_id: str, found: Found, what: str,
                  epochs: int) -> list[EpochStats]:
-    """The run goes on from `found`: one line says so, the run gets the curve so far and
-    says where it went on from. Returns that curve."""
+    """The run goes on from `found`: one line says so, the run says where it went on from
+    and gets the curve so far. Returns that curve."""
     epoch = f"{found.state.epoch / found.state.reports_per_epoch:g}"
     say(f"{what}: resumed at epoch {epoch} of {epochs} (from the checkpoint of "
         f"{found.where})")
     history = [EpochStats(**stats) for stats in found.state.history]
-    tracker.log_epochs(run_id, history)
+    # The tag first: whoever reads the run sees the inherited curve only with the tag that
+    # says it is inherited, never as epochs this run trained.
     tracker.set_tag(run_id, Tag.RESUMED_FROM, f"{found.where} epoch {epoch}")
+    tracker.log_epochs(run_id, history)
     return history
 
 
