@@ -16,6 +16,9 @@ from optimsweep.core import checkpoint, train
 from optimsweep.core.artifacts import load_state_dict
 from optimsweep.core.checkpoint import Checkpointer
 from optimsweep.core.train import TrainConfig
+from optimsweep.records.schema import Tag
+from optimsweep.records.tracking import Tracker
+from optimsweep.run import resume
 from optimsweep.sweep.space import config_from_params
 from records import (
     DATA,
@@ -143,6 +146,40 @@ def test_a_checkpoint_continues_its_run_exactly(tmp_path):
     assert [s.val_loss for s in resumed.history] == [s.val_loss for s in alone.history]
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
                                                  alone.model.state_dict().values(), strict=True))
+
+
+class Watched(Tracker):
+    """A real tracking store, read back after each write a resume makes to its run: what
+    anyone reading the run (the UI, a scheduler waiting for an epoch of the run's own) can
+    see between two writes."""
+
+    seen: list[tuple[str | None, int]]
+
+    def _look(self, run_id):
+        run = self.client.get_run(run_id)
+        self.seen.append((run.data.tags.get(Tag.RESUMED_FROM),
+                          len(self.client.get_metric_history(run_id, "val_loss"))))
+
+    def set_tag(self, run_id, key, value):
+        super().set_tag(run_id, key, value)
+        self._look(run_id)
+
+    def log_epochs(self, run_id, history):
+        super().log_epochs(run_id, history)
+        self._look(run_id)
+
+
+def test_a_resumed_runs_inherited_curve_is_never_seen_without_its_tag(tmp_path):
+    config = dataclasses.replace(SMALL, epochs=6)
+    state = train.load_checkpoint(a_checkpoint(tmp_path, config), config)
+    tracker = Watched(f"sqlite:///{tmp_path}/mlflow.db")
+    tracker.seen = []
+    run_id = tracker.client.create_run(tracker.experiment_id("resumed")).info.run_id
+    history = resume.continue_run(tracker, run_id, resume.Found(state, "earlier", 0),
+                                  "trial 1", config.epochs)
+    assert [s.epoch for s in history] == [1]
+    assert tracker.seen[-1] == ("trial 0 epoch 1", 1)
+    assert all(tag is not None for tag, epochs in tracker.seen if epochs)
 
 
 def test_a_torn_checkpoint_is_refused(tmp_path):
