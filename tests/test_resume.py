@@ -153,7 +153,9 @@ class Watched(Tracker):
     anyone reading the run (the UI, a scheduler waiting for an epoch of the run's own) can
     see between two writes."""
 
-    seen: list[tuple[str | None, int]]
+    def __init__(self, tracking_uri: str):
+        super().__init__(tracking_uri)
+        self.seen: list[tuple[str | None, int]] = []  # (the tag, epochs in the curve)
 
     def _look(self, run_id):
         run = self.client.get_run(run_id)
@@ -173,7 +175,6 @@ def test_a_resumed_runs_inherited_curve_is_never_seen_without_its_tag(tmp_path):
     config = dataclasses.replace(SMALL, epochs=6)
     state = train.load_checkpoint(a_checkpoint(tmp_path, config), config)
     tracker = Watched(f"sqlite:///{tmp_path}/mlflow.db")
-    tracker.seen = []
     run_id = tracker.client.create_run(tracker.experiment_id("resumed")).info.run_id
     history = resume.continue_run(tracker, run_id, resume.Found(state, "earlier", 0),
                                   "trial 1", config.epochs)
